@@ -1,0 +1,27 @@
+"""avec: activation engineering for language models (and any torch module).
+
+>>> import avec
+>>> model = avec.load_model()                         # packaged SmolLM2-135M-Instruct
+>>> vec = avec.extract(model, avec.load_pairs("pairs.jsonl"), layers=[14])
+>>> with avec.steer(model, vec, coef=8.0):
+...     print(avec.steered_completions(model, ["Tell me a story."])[0].text)
+"""
+
+from avec._version import __version__
+from avec.activations import read_activations
+from avec.data import ContrastPair, load_ab_pairs, load_jsonl_pairs, load_pairs, load_prompts
+from avec.errors import (AvecError, DataError, ModelLoadError, SteeringError,
+                         UnsupportedArchitectureError, VectorFileError)
+from avec.extract import extract
+from avec.generation import Completion, steered_completions
+from avec.models import Model, load_model
+from avec.steer import Intervention, steer
+from avec.vector import SteeringVector, load_vector
+
+__all__ = [
+    "AvecError", "Completion", "ContrastPair", "DataError", "Intervention", "Model",
+    "ModelLoadError", "SteeringError", "SteeringVector", "UnsupportedArchitectureError",
+    "VectorFileError", "__version__", "extract", "load_ab_pairs", "load_jsonl_pairs",
+    "load_model", "load_pairs", "load_prompts", "load_vector", "read_activations", "steer",
+    "steered_completions",
+]

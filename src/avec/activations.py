@@ -1,0 +1,147 @@
+"""Reading activations: the output of decoder block L at chosen token positions.
+
+One forward pass serves every requested layer; the pass stops right after the deepest
+requested block (later blocks and the LM head never run). Texts are tokenized once, sorted by
+length and right-padded in batches, with attention masks and explicit position ids, so a text's
+activations do not depend on what else is in its batch.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Callable, Sequence, Union
+
+import torch
+from tqdm.auto import tqdm
+
+from avec.hooks import StopForward, block_output
+from avec.models.model import Model
+
+ReadPosition = Union[str, int]
+"""``"last"`` (default), ``"mean"`` (mean over the text's tokens), ``"ab_letter"`` (the token of
+the answer letter in the last ``(A)``-style choice of the text), or an int token index
+(negative counts from the end of the text's own tokens)."""
+
+_AB_LETTER = re.compile(r"\(([A-Za-z])\)?")
+
+
+def ab_letter_index(model: Model, text: str, ids: Sequence[int]) -> int:
+    """Index of the token holding the letter of the text's last ``(X)`` answer choice."""
+    matches = list(_AB_LETTER.finditer(text))
+    if not matches:
+        raise ValueError(f"read position 'ab_letter' needs an answer like '(A)' in the text; "
+                         f"none in {text[-80:]!r}")
+    char = matches[-1].start(1)
+    tok = model.tokenizer
+    if getattr(tok, "is_fast", False):
+        enc = tok(text, return_offsets_mapping=True)
+        for i, (start, end) in enumerate(enc["offset_mapping"]):
+            if start <= char < end:
+                return i
+    return len(model.encode([text[: char + 1]])[0]) - 1
+
+
+def resolve_indices(model: Model, texts: Sequence[str], ids: list[list[int]],
+                    position: ReadPosition) -> list[int] | None:
+    """Per-text token index for a single-token read position (None for ``"mean"``)."""
+    if position == "mean":
+        return None
+    if position == "last":
+        return [len(x) - 1 for x in ids]
+    if position == "ab_letter":
+        return [ab_letter_index(model, t, x) for t, x in zip(texts, ids)]
+    if isinstance(position, int) and not isinstance(position, bool):
+        out = []
+        for text, x in zip(texts, ids):
+            idx = position + len(x) if position < 0 else position
+            if not 0 <= idx < len(x):
+                raise ValueError(f"read position {position} is outside the {len(x)} tokens of "
+                                 f"{text[:60]!r}")
+            out.append(idx)
+        return out
+    raise ValueError(f"unknown read position {position!r}; use 'last', 'mean', 'ab_letter' or an "
+                     f"int token index")
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right",
+              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)`` for token lists of different lengths.
+
+    Position ids count real tokens only, so left padding does not shift positions.
+    """
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        sl = slice(0, len(s)) if side == "right" else slice(width - len(s), width)
+        ids[i, sl] = torch.tensor(s, dtype=torch.long)
+        mask[i, sl] = 1
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    return ids.to(device), mask.to(device), pos.to(device)
+
+
+def forward_until(model: Model, layers: Sequence[int],
+                  on_output: Callable[[int, torch.Tensor], None],
+                  input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  position_ids: torch.Tensor) -> None:
+    """Run the model, calling ``on_output(layer, hidden)`` for each layer, and stop after the last."""
+    deepest = max(layers)
+    handles = []
+
+    def make_hook(layer: int) -> Callable[..., None]:
+        def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
+            on_output(layer, block_output(output))
+            if layer == deepest:
+                raise StopForward
+
+        return hook
+
+    try:
+        for layer in sorted(set(layers)):
+            handles.append(model.blocks[layer].register_forward_hook(make_hook(layer)))
+        model.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                 use_cache=False)
+    except StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.inference_mode()
+def read_activations(model: Model, texts: Sequence[str], layers: Sequence[int], *,
+                     position: ReadPosition = "last", batch_size: int = 32,
+                     progress: bool = False) -> dict[int, torch.Tensor]:
+    """Activations of ``texts`` at the output of each block in ``layers``.
+
+    Returns ``{layer: tensor[len(texts), d_model]}`` (float32, CPU), rows in input order.
+    Texts are read as given: no chat template or special tokens beyond the tokenizer's defaults.
+    """
+    if not texts:
+        raise ValueError("no texts to read activations from")
+    layers = model.check_layers(list(layers))
+    ids = model.encode(list(texts))
+    for text, x in zip(texts, ids):
+        if not x:
+            raise ValueError(f"text {text!r} tokenizes to nothing")
+    indices = resolve_indices(model, texts, ids, position)
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = {L: torch.empty(len(ids), model.d_model) for L in layers}
+    pad_id = model.tokenizer.pad_token_id
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for rows in tqdm(batches, desc="activations", disable=not progress, leave=False):
+        input_ids, mask, pos = pad_batch([ids[i] for i in rows], pad_id, "right", model.device)
+        row_index = torch.tensor(rows)
+        if indices is not None:
+            gather = torch.tensor([indices[i] for i in rows], device=model.device)
+
+        def collect(layer: int, hidden: torch.Tensor) -> None:
+            if indices is None:
+                m = mask.unsqueeze(-1).to(hidden.dtype)
+                picked = (hidden * m).sum(1) / m.sum(1)
+            else:
+                picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), gather]
+            out[layer][row_index] = picked.float().cpu()
+
+        forward_until(model, layers, collect, input_ids, mask, pos)
+    return out

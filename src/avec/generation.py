@@ -1,0 +1,92 @@
+"""Greedy generation, plain or steered, with one coefficient per batch row."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from avec.activations import pad_batch
+from avec.models.model import Model
+from avec.steer import Op, Positions, steer
+from avec.vector import SteeringVector
+
+
+@dataclass(frozen=True)
+class Completion:
+    prompt: str
+    coef: float
+    text: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def format_prompt(model: Model, prompt: str, chat: bool | None = None) -> tuple[list[int], bool]:
+    """Token ids of a prompt, chat-templated when ``chat`` (``None``: if the model has a template)."""
+    use_chat = model.has_chat_template if chat is None else chat
+    if use_chat:
+        text = model.chat_prompt(prompt)
+        return list(model.tokenizer(text, add_special_tokens=False)["input_ids"]), True
+    return model.encode([prompt])[0], False
+
+
+@torch.inference_mode()
+def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
+    """Greedy continuation of a batch of token lists (left-padded); returns new tokens only,
+    cut at the first end-of-sequence token."""
+    from transformers import GenerationConfig
+
+    tok = model.tokenizer
+    eos = model.hf.generation_config.eos_token_id
+    if eos is None:
+        eos = tok.eos_token_id
+    input_ids, mask, _ = pad_batch(prompt_ids, tok.pad_token_id, "left", model.device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                              pad_token_id=tok.pad_token_id, eos_token_id=eos)
+    out = model.hf.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    results = []
+    for row in out[:, input_ids.shape[1]:].tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def steered_completions(model: Model, prompts: Sequence[str],
+                        vector: SteeringVector | None = None, coefs: Sequence[float] = (0.0,), *,
+                        layers: Sequence[int] | None = None, positions: Positions = "all",
+                        op: Op = "add", value: float = 0.0, max_new_tokens: int = 64,
+                        chat: bool | None = None, batch_size: int = 16,
+                        progress: bool = False) -> list[Completion]:
+    """Greedy completions of every prompt at every coefficient, one row per (prompt, coef).
+
+    Rows that share a prompt length run in one batch (no padding), each row with its own
+    coefficient, so coefficient 0 is exactly the unsteered model. Without a vector every coef
+    must be 0. Results come back in (prompt, coef) order.
+    """
+    if vector is None and any(c != 0 for c in coefs):
+        raise ValueError("a nonzero coefficient needs a vector")
+    encoded = [format_prompt(model, p, chat)[0] for p in prompts]
+    rows = [(i, float(c)) for i in range(len(prompts)) for c in coefs]
+    by_len: dict[int, list[int]] = defaultdict(list)
+    for r, (i, _c) in enumerate(rows):
+        by_len[len(encoded[i])].append(r)
+    batches = [group[j:j + batch_size] for group in by_len.values()
+               for j in range(0, len(group), batch_size)]
+    texts: dict[int, str] = {}
+    for batch in tqdm(batches, desc="generate", disable=not progress, leave=False):
+        ids = [encoded[rows[r][0]] for r in batch]
+        row_coefs = torch.tensor([rows[r][1] for r in batch])
+        if vector is None or bool((row_coefs == 0).all()):
+            new = generate_ids(model, ids, max_new_tokens)
+        else:
+            with steer(model, vector, coef=row_coefs, layers=layers, positions=positions, op=op,
+                       value=value):
+                new = generate_ids(model, ids, max_new_tokens)
+        for r, toks in zip(batch, new):
+            texts[r] = model.tokenizer.decode(toks, skip_special_tokens=True).strip()
+    return [Completion(prompts[i], c, texts[r]) for r, (i, c) in enumerate(rows)]

@@ -1,0 +1,227 @@
+"""Interventions on block outputs, installed as forward hooks by a context manager.
+
+``add``     h <- h + c * v
+``ablate``  h <- h - c * (h . u) u                      (u = v / |v|; c = 1 removes the direction)
+``clamp``   h <- h + c * (value - h . u) u              (c = 1 sets the projection on u to value)
+
+``c`` is the coefficient: a number, or one number per batch row (per-row steering: N prompts
+with N coefficients in one forward pass). Position selection uses the absolute index of each
+token among its row's real tokens (padding excluded): ``"all"``, ``"prompt"`` (tokens of the
+first, cache-less forward pass), ``"generated"`` (later tokens) or ``k`` / ``"from:k"`` (index
+>= k). Hooks are removed when the ``with`` block ends, also when it raises.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Literal, Sequence, Union
+
+import torch
+
+from avec.errors import SteeringError
+from avec.hooks import block_output, replace_block_output
+from avec.models.model import Model
+from avec.vector import SteeringVector
+
+Op = Literal["add", "ablate", "clamp"]
+OPS: tuple[str, ...] = ("add", "ablate", "clamp")
+Positions = Union[str, int]
+Coef = Union[float, Sequence[float], torch.Tensor]
+
+
+def parse_positions(positions: Positions) -> Positions:
+    """Validate a position spec; returns ``"all"``, ``"prompt"``, ``"generated"`` or an int."""
+    if isinstance(positions, bool):
+        raise SteeringError(f"invalid positions {positions!r}")
+    if isinstance(positions, int):
+        if positions < 0:
+            raise SteeringError(f"positions={positions}: a start index must be >= 0")
+        return positions
+    if positions in ("all", "prompt", "generated"):
+        return positions
+    if isinstance(positions, str) and positions.startswith("from:") and positions[5:].isdigit():
+        return int(positions[5:])
+    raise SteeringError(f"invalid positions {positions!r}; use 'all', 'prompt', 'generated', "
+                        f"'from:K' or an int K (tokens at index >= K)")
+
+
+@dataclass
+class Intervention:
+    """One vector applied with its own coefficient, layers, positions and operation."""
+
+    vector: SteeringVector
+    coef: Coef = 1.0
+    layers: Sequence[int] | None = None
+    positions: Positions = "all"
+    op: Op = "add"
+    value: float | dict[int, float] = 0.0
+
+    def __post_init__(self) -> None:
+        if self.op not in OPS:
+            raise SteeringError(f"unknown op {self.op!r}; use one of {list(OPS)}")
+        self.positions = parse_positions(self.positions)
+        if self.layers is None:
+            self.layers = list(self.vector.layers)
+        else:
+            self.layers = [int(L) for L in self.layers]
+            missing = [L for L in self.layers if L not in self.vector.directions]
+            if missing:
+                raise SteeringError(f"layer(s) {missing} not in the vector, which has layers "
+                                    f"{self.vector.layers}")
+        if isinstance(self.coef, torch.Tensor):
+            self.coef = self.coef.detach().flatten().float()
+        elif not isinstance(self.coef, (int, float)):
+            self.coef = torch.tensor([float(c) for c in self.coef], dtype=torch.float32)
+        if isinstance(self.coef, torch.Tensor) and not torch.isfinite(self.coef).all():
+            raise SteeringError("coefficients must be finite")
+
+    @property
+    def is_noop(self) -> bool:
+        return isinstance(self.coef, (int, float)) and float(self.coef) == 0.0
+
+    def value_at(self, layer: int) -> float:
+        if isinstance(self.value, dict):
+            if layer not in self.value:
+                raise SteeringError(f"clamp value has no entry for layer {layer}")
+            return float(self.value[layer])
+        return float(self.value)
+
+
+@dataclass
+class _PositionState:
+    """Per-forward token positions, filled by a pre-hook on the model (one per steer context)."""
+
+    positions: torch.Tensor | None = None  # [B, T] index of each token among its row's tokens
+    prompt_len: torch.Tensor | None = None  # [B] real tokens in the first (cache-less) pass
+
+    def update(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        embeds = kwargs.get("inputs_embeds")
+        ref = ids if ids is not None else embeds
+        if ref is None:
+            raise SteeringError("steering by position needs input_ids or inputs_embeds")
+        batch, length = ref.shape[0], ref.shape[1]
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        past = int(cache.get_seq_length()) if hasattr(cache, "get_seq_length") else 0
+        mask = kwargs.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+            pos = (mask.long().cumsum(-1) - 1)[:, -length:]
+            real_now = mask[:, -length:].long().sum(-1)
+        else:
+            pos = (torch.arange(length, device=ref.device) + past).expand(batch, length)
+            real_now = torch.full((batch,), length, device=ref.device)
+        if past == 0 or self.prompt_len is None or self.prompt_len.shape[0] != batch:
+            self.prompt_len = real_now
+        self.positions = pos
+
+
+@dataclass
+class _LayerPlan:
+    ops: list[tuple[Intervention, torch.Tensor]] = field(default_factory=list)
+
+
+def _row_coef(iv: Intervention, hidden: torch.Tensor) -> torch.Tensor | float:
+    coef = iv.coef
+    if isinstance(coef, torch.Tensor):
+        if coef.numel() == 1:
+            return float(coef)
+        if coef.shape[0] != hidden.shape[0]:
+            raise SteeringError(f"{coef.shape[0]} per-row coefficients were given but the batch "
+                                f"has {hidden.shape[0]} rows; give one coefficient per row")
+        return coef.to(hidden.device, hidden.dtype).view(-1, 1, 1)
+    return float(coef)
+
+
+def _apply(iv: Intervention, layer: int, direction: torch.Tensor, hidden: torch.Tensor,
+           state: _PositionState) -> torch.Tensor:
+    coef = _row_coef(iv, hidden)
+    if iv.op == "add":
+        delta = coef * direction
+    else:
+        unit = direction / direction.norm()
+        proj = hidden @ unit  # [B, T]
+        target = 0.0 if iv.op == "ablate" else iv.value_at(layer)
+        delta = coef * (target - proj).unsqueeze(-1) * unit
+    if iv.positions != "all":
+        if state.positions is None or state.prompt_len is None:
+            raise SteeringError("position state missing: call the model itself (model.hf), "
+                                "not one of its sub-modules, when steering by position")
+        pos = state.positions.to(hidden.device)
+        if iv.positions == "prompt":
+            keep = pos < state.prompt_len.to(hidden.device).view(-1, 1)
+        elif iv.positions == "generated":
+            keep = pos >= state.prompt_len.to(hidden.device).view(-1, 1)
+        else:
+            keep = pos >= int(iv.positions)
+        delta = delta * keep.unsqueeze(-1).to(hidden.dtype)
+    return hidden + delta
+
+
+def _as_interventions(vectors: SteeringVector | Intervention | Sequence[SteeringVector | Intervention],
+                      coef: Coef, layers: Sequence[int] | None, positions: Positions, op: Op,
+                      value: float | dict[int, float]) -> list[Intervention]:
+    items = [vectors] if isinstance(vectors, (SteeringVector, Intervention)) else list(vectors)
+    out = []
+    for item in items:
+        if isinstance(item, Intervention):
+            out.append(item)
+        elif isinstance(item, SteeringVector):
+            out.append(Intervention(item, coef=coef, layers=layers, positions=positions, op=op,
+                                    value=value))
+        else:
+            raise SteeringError(f"expected SteeringVector or Intervention, got {type(item).__name__}")
+    return out
+
+
+@contextlib.contextmanager
+def steer(model: Model,
+          vectors: SteeringVector | Intervention | Sequence[SteeringVector | Intervention],
+          coef: Coef = 1.0, *, layers: Sequence[int] | None = None, positions: Positions = "all",
+          op: Op = "add", value: float | dict[int, float] = 0.0) -> Iterator[list[Intervention]]:
+    """Steer ``model`` inside a ``with`` block.
+
+    Args:
+        vectors: a vector, an :class:`Intervention`, or a list of them (they compose in order).
+            Plain vectors in the list share ``coef``/``layers``/``positions``/``op``/``value``.
+        coef: a number, or one number per batch row.
+        layers: which of the vector's layers to steer (default: all of them).
+        positions: ``"all"``, ``"prompt"``, ``"generated"``, ``"from:K"`` or an int K.
+        op: ``"add"``, ``"ablate"`` or ``"clamp"``.
+        value: the projection ``clamp`` sets (a number or ``{layer: number}``).
+
+    Yields the list of interventions in force.
+    """
+    interventions = _as_interventions(vectors, coef, layers, positions, op, value)
+    plans: dict[int, _LayerPlan] = {}
+    for iv in interventions:
+        iv.vector.check_model(model)
+        if iv.is_noop:
+            continue
+        for layer in iv.layers or []:
+            direction = iv.vector[layer].to(model.device, model.dtype)
+            if iv.op != "add" and float(direction.float().norm()) == 0.0:
+                raise SteeringError(f"cannot {iv.op} along a zero direction (layer {layer})")
+            plans.setdefault(layer, _LayerPlan()).ops.append((iv, direction))
+    state = _PositionState()
+    handles = []
+
+    def make_hook(layer: int, plan: _LayerPlan) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+            hidden = block_output(output)
+            for iv, direction in plan.ops:
+                hidden = _apply(iv, layer, direction, hidden, state)
+            return replace_block_output(output, hidden)
+
+        return hook
+
+    try:
+        if any(iv.positions != "all" for iv in interventions if not iv.is_noop):
+            handles.append(model.hf.register_forward_pre_hook(
+                lambda _m, args, kwargs: state.update(args, kwargs), with_kwargs=True))
+        for layer, plan in sorted(plans.items()):
+            handles.append(model.blocks[layer].register_forward_hook(make_hook(layer, plan)))
+        yield interventions
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -1,0 +1,230 @@
+"""``SteeringVector``: one direction per layer, metadata, algebra and safetensors I/O.
+
+A vector file is data, never code: tensors ``layer.<L>`` (float32) in a safetensors file whose
+header metadata holds one JSON document under the key ``"avec"``. Loading uses
+``safetensors.safe_open`` only; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from avec._version import __version__
+from avec.errors import VectorFileError
+
+FORMAT_VERSION = 1
+METADATA_KEY = "avec"
+TENSOR_PREFIX = "layer."
+
+
+@dataclass
+class SteeringVector:
+    """Per-layer directions plus metadata.
+
+    ``directions[L]`` is read at, and added back to, the output of decoder block ``L``
+    (0-based). Metadata keys written by avec: ``model`` (identity of the model it was made on),
+    ``method``, ``positions`` (where it was read), ``n_pairs``, ``avec_version``, ``created``;
+    any other JSON-serialisable keys are kept.
+    """
+
+    directions: dict[int, torch.Tensor]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise ValueError("a SteeringVector needs at least one layer")
+        shapes = {tuple(t.shape) for t in self.directions.values()}
+        if len(shapes) != 1:
+            raise ValueError(f"all layers must have the same shape, got {sorted(shapes)}")
+        self.directions = {int(k): v for k, v in sorted(self.directions.items())}
+
+    # ---- shape ---------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[int]:
+        return list(self.directions)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(next(iter(self.directions.values())).shape)
+
+    @property
+    def width(self) -> int:
+        """Size of the last dimension (d_model for a language model)."""
+        return self.shape[-1]
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        return self.directions[layer]
+
+    def norms(self) -> dict[int, float]:
+        return {k: float(v.float().norm()) for k, v in self.directions.items()}
+
+    # ---- algebra -------------------------------------------------------------------------
+    def _combine(self, other: "SteeringVector", sign: float, op: str) -> "SteeringVector":
+        if not isinstance(other, SteeringVector):
+            return NotImplemented  # type: ignore[return-value]
+        if other.shape != self.shape:
+            raise ValueError(f"cannot {op} vectors of shapes {self.shape} and {other.shape}")
+        layers = sorted(set(self.directions) | set(other.directions))
+        zero = torch.zeros(self.shape)
+        out = {L: self.directions.get(L, zero) + sign * other.directions.get(L, zero)
+               for L in layers}
+        symbol = "+" if sign > 0 else "-"
+        method = f"({self.metadata.get('method', '?')} {symbol} {other.metadata.get('method', '?')})"
+        return SteeringVector(out, {**self.metadata, "method": method})
+
+    def __add__(self, other: "SteeringVector") -> "SteeringVector":
+        return self._combine(other, 1.0, "add")
+
+    def __sub__(self, other: "SteeringVector") -> "SteeringVector":
+        return self._combine(other, -1.0, "subtract")
+
+    def __mul__(self, scalar: float) -> "SteeringVector":
+        if not isinstance(scalar, (int, float)):
+            return NotImplemented  # type: ignore[return-value]
+        return replace(self, directions={k: v * float(scalar) for k, v in self.directions.items()},
+                       metadata=dict(self.metadata))
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "SteeringVector":
+        return self * -1.0
+
+    def __truediv__(self, scalar: float) -> "SteeringVector":
+        return self * (1.0 / scalar)
+
+    def normalize(self, norm: float = 1.0) -> "SteeringVector":
+        """Scale every layer's direction to the given L2 norm (1 by default)."""
+        out = {}
+        for k, v in self.directions.items():
+            n = v.float().norm()
+            if n == 0:
+                raise ValueError(f"layer {k} is the zero vector and cannot be normalized")
+            out[k] = v * (norm / n)
+        return SteeringVector(out, dict(self.metadata))
+
+    def cosine(self, other: "SteeringVector") -> dict[int, float]:
+        """Cosine similarity per layer the two vectors share."""
+        shared = [L for L in self.directions if L in other.directions]
+        if not shared:
+            raise ValueError(f"no shared layers: {self.layers} vs {other.layers}")
+        return {L: float(torch.nn.functional.cosine_similarity(
+            self.directions[L].flatten().double(), other.directions[L].flatten().double(), dim=0))
+            for L in shared}
+
+    def select(self, layers: list[int]) -> "SteeringVector":
+        """A vector restricted to some of its layers."""
+        missing = [L for L in layers if L not in self.directions]
+        if missing:
+            raise ValueError(f"vector has no layer(s) {missing}; it has {self.layers}")
+        return SteeringVector({L: self.directions[L] for L in layers}, dict(self.metadata))
+
+    # ---- I/O -----------------------------------------------------------------------------
+    def save(self, path: str | Path) -> Path:
+        """Write a safetensors file (float32 tensors ``layer.<L>``, JSON metadata)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        meta = {"format_version": FORMAT_VERSION, "avec_version": __version__,
+                "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                **self.metadata, "layers": self.layers, "shape": list(self.shape)}
+        tensors = {f"{TENSOR_PREFIX}{k}": v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in self.directions.items()}
+        save_file(tensors, str(path), metadata={METADATA_KEY: json.dumps(meta)})
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, expected_width: int | None = None) -> "SteeringVector":
+        """Read a vector file, refusing anything malformed, non-finite or of the wrong width."""
+        from safetensors import SafetensorError, safe_open
+
+        path = Path(path)
+        if not path.is_file():
+            raise VectorFileError(f"{path}: vector file not found")
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                header = fh.metadata() or {}
+                tensors = {name: fh.get_tensor(name) for name in fh.keys()}
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise VectorFileError(
+                f"{path}: not a valid safetensors file ({exc}). avec vector files are "
+                f"safetensors; avec never loads pickled (.pt/.pkl) files") from None
+        return cls._from_parts(path, header, tensors, expected_width)
+
+    @classmethod
+    def _from_parts(cls, path: Path, header: Mapping[str, str], tensors: dict[str, torch.Tensor],
+                    expected_width: int | None) -> "SteeringVector":
+        if METADATA_KEY not in header:
+            raise VectorFileError(f"{path}: no {METADATA_KEY!r} metadata in the safetensors "
+                                  f"header; this is not an avec vector file")
+        try:
+            meta = json.loads(header[METADATA_KEY])
+        except json.JSONDecodeError as exc:
+            raise VectorFileError(f"{path}: malformed JSON metadata ({exc.msg})") from None
+        if not isinstance(meta, dict):
+            raise VectorFileError(f"{path}: metadata must be a JSON object")
+        directions: dict[int, torch.Tensor] = {}
+        for name, tensor in tensors.items():
+            suffix = name[len(TENSOR_PREFIX):]
+            if not name.startswith(TENSOR_PREFIX) or not suffix.isdigit():
+                raise VectorFileError(f"{path}: unexpected tensor {name!r}; expected 'layer.<N>'")
+            if not tensor.is_floating_point():
+                raise VectorFileError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
+                                      f"expected floating point")
+            if not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise VectorFileError(f"{path}: tensor {name!r} has {bad} NaN/inf values")
+            directions[int(suffix)] = tensor.float()
+        if not directions:
+            raise VectorFileError(f"{path}: the file holds no 'layer.<N>' tensors")
+        shapes = {tuple(t.shape) for t in directions.values()}
+        if len(shapes) != 1:
+            raise VectorFileError(f"{path}: layers have different shapes {sorted(shapes)}")
+        declared = meta.get("layers")
+        if declared is not None and sorted(declared) != sorted(directions):
+            raise VectorFileError(f"{path}: metadata lists layers {declared} but the file holds "
+                                  f"{sorted(directions)}")
+        vec = cls(directions, meta)
+        if expected_width is not None and vec.width != expected_width:
+            raise VectorFileError(_width_message(path, vec, expected_width))
+        return vec
+
+    def check_model(self, model: Any) -> None:
+        """Raise if this vector cannot be applied to ``model`` (width or layer range)."""
+        if self.width != model.d_model:
+            raise VectorFileError(_width_message(None, self, model.d_model, model.name))
+        bad = [L for L in self.layers if not 0 <= L < model.n_layers]
+        if bad:
+            raise VectorFileError(f"vector has layer(s) {bad} but {model.name} has layers "
+                                  f"0..{model.n_layers - 1}")
+
+    def describe(self) -> dict[str, Any]:
+        """Metadata plus per-layer norms (what ``avec info`` prints)."""
+        norms = self.norms()
+        return {**self.metadata, "layers": self.layers, "shape": list(self.shape),
+                "norms": {str(k): round(v, 6) for k, v in norms.items()},
+                "finite": all(math.isfinite(v) for v in norms.values())}
+
+
+def _width_message(path: Path | None, vec: SteeringVector, width: int, name: str = "") -> str:
+    made_on = vec.metadata.get("model", {})
+    origin = f" (made on {made_on.get('name')}, d_model {made_on.get('d_model')})" \
+        if isinstance(made_on, dict) and made_on.get("name") else ""
+    where = f"{path}: " if path else ""
+    return (f"{where}vector width {vec.width}{origin} does not match the model width {width}"
+            f"{' of ' + name if name else ''}; extract a vector on this model")
+
+
+def load_vector(path: str | Path, model: Any = None) -> SteeringVector:
+    """Load a vector file; with ``model``, also check it fits that model."""
+    vec = SteeringVector.load(path, expected_width=model.d_model if model is not None else None)
+    if model is not None:
+        vec.check_model(model)
+    return vec
