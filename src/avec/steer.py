@@ -9,6 +9,10 @@ with N coefficients in one forward pass). Position selection uses the absolute i
 token among its row's real tokens (padding excluded): ``"all"``, ``"prompt"`` (tokens of the
 first, cache-less forward pass), ``"generated"`` (later tokens) or ``k`` / ``"from:k"`` (index
 >= k). Hooks are removed when the ``with`` block ends, also when it raises.
+
+Within one ``steer`` call interventions apply in the order given. Steering hooks run before any
+other forward hook on the block (so ``output_hidden_states`` and readers see steered values);
+with nested ``steer`` contexts the innermost one is applied first.
 """
 
 from __future__ import annotations
@@ -220,7 +224,10 @@ def steer(model: Model,
             handles.append(model.hf.register_forward_pre_hook(
                 lambda _m, args, kwargs: state.update(args, kwargs), with_kwargs=True))
         for layer, plan in sorted(plans.items()):
-            handles.append(model.blocks[layer].register_forward_hook(make_hook(layer, plan)))
+            # prepend: run before other forward hooks (transformers' own hidden-state recorders,
+            # a user's readers), so every observer of block L's output sees the steered value
+            handles.append(model.blocks[layer].register_forward_hook(make_hook(layer, plan),
+                                                                     prepend=True))
         yield interventions
     finally:
         for handle in handles:

@@ -1,0 +1,259 @@
+"""The ``avec`` command: a thin layer over the library. Every command takes ``--json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from avec._version import __version__
+
+DEFAULT_DEMO_OUTPUT = "avec-demo-vector.safetensors"
+
+
+def _position(value: str) -> str | int:
+    try:
+        return int(value)
+    except ValueError:
+        return value
+
+
+def _steer_position(value: str) -> str | int:
+    return int(value) if value.isdigit() else value
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None,
+                   help="HF directory, hub id (offline if cached) or .gguf file "
+                        "(default: the packaged SmolLM2-135M-Instruct)")
+    p.add_argument("--block-path", default=None,
+                   help="dotted path of the decoder blocks, for architectures avec does not know")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="avec", description="Activation engineering: build steering vectors from contrast "
+        "pairs and apply them to language models. Layer L means the output of decoder block L "
+        "(0-based), for reading and for steering.")
+    parser.add_argument("--version", action="version", version=f"avec {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("extract", help="build a steering vector from contrast pairs",
+                       description="Read activations of positive and negative texts and save "
+                       "their direction (mean difference by default) as a safetensors file.")
+    p.add_argument("--pairs", required=True,
+                   help='.jsonl with {"positive", "negative"[, "prompt"]} per line, or CAA-style '
+                        'A/B .json (question, answer_matching_behavior, answer_not_matching_behavior)')
+    p.add_argument("--format", default="auto", choices=["auto", "jsonl", "ab"],
+                   help="pair file format (auto: .json is A/B, anything else JSONL)")
+    p.add_argument("--layer", type=int, action="append", required=True,
+                   help="0-based block whose output is read (repeat for several layers)")
+    p.add_argument("--method", default="mean_diff", help="direction method (default mean_diff)")
+    p.add_argument("--position", type=_position, default=None,
+                   help="token read: last (default; ab_letter for A/B data), mean, ab_letter or "
+                        "an int index")
+    p.add_argument("--chat", action="store_true",
+                   help="wrap texts in the model's chat template (default: texts as given)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--output", "-o", required=True, help="output .safetensors file")
+    _add_model_args(p)
+
+    p = sub.add_parser("generate", help="greedy completions, unsteered and steered side by side",
+                       description="Generate greedily for each prompt (chat template applied "
+                       "when the model has one) without steering and at each coefficient.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--prompts-file", help=".txt (one per line), .json or .jsonl prompts")
+    p.add_argument("--vector", help="steering vector file (.safetensors)")
+    p.add_argument("--coef", type=float, action="append",
+                   help="coefficient multiplying the vector as extracted (repeat; default 1)")
+    p.add_argument("--layer", type=int, action="append",
+                   help="steer only these layers of the vector (default: all its layers)")
+    p.add_argument("--positions", type=_steer_position, default="all",
+                   help="all (default), prompt, generated, or from:K / K (token index >= K)")
+    p.add_argument("--op", default="add", choices=["add", "ablate", "clamp"])
+    p.add_argument("--clamp-value", type=float, default=0.0,
+                   help="projection that --op clamp sets")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--batch-size", type=int, default=16)
+    _add_model_args(p)
+
+    p = sub.add_parser("info", help="show the metadata of a vector file")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
+                       "unsteered vs steered completions on the default model")
+    p.add_argument("--layer", type=int, default=14)
+    p.add_argument("--coef", type=float, default=8.0)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--output", "-o", default=DEFAULT_DEMO_OUTPUT,
+                   help=f"where to save the vector (default {DEFAULT_DEMO_OUTPUT})")
+    _add_model_args(p)
+    return parser
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from avec.models import load_model
+
+    t0 = time.perf_counter()
+    model = load_model(args.model, block_path=args.block_path)
+    _log(args, f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) "
+               f"in {time.perf_counter() - t0:.1f} s")
+    return model
+
+
+def _log(args: argparse.Namespace, msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, ensure_ascii=False))
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    from avec.data import load_pairs
+    from avec.extract import extract
+
+    pairs = load_pairs(args.pairs, args.format)
+    is_ab = args.format == "ab" or (args.format == "auto" and Path(args.pairs).suffix == ".json")
+    position = args.position if args.position is not None else ("ab_letter" if is_ab else "last")
+    model = _load(args)
+    t0 = time.perf_counter()
+    vec = extract(model, pairs, args.layer, method=args.method, position=position,
+                  chat=args.chat, batch_size=args.batch_size, progress=True)
+    vec.metadata["source_pairs"] = str(args.pairs)
+    out = vec.save(args.output)
+    info = {"output": str(out), "method": args.method, "n_pairs": len(pairs),
+            "layers": vec.layers, "position": position,
+            "norms": {str(k): round(v, 4) for k, v in vec.norms().items()},
+            "seconds": round(time.perf_counter() - t0, 3)}
+    if args.json:
+        _emit_json(info)
+    else:
+        norms = ", ".join(f"L{k}: {v:.2f}" for k, v in vec.norms().items())
+        print(f"saved {out} ({len(pairs)} pairs, {args.method}, read at {position}; norms {norms})")
+    return 0
+
+
+def _columns(headers: list[str], bodies: list[str]) -> str:
+    width = max(40, shutil.get_terminal_size((160, 24)).columns)
+    col = max(20, (width - 3 * (len(headers) - 1)) // len(headers))
+    wrapped = [textwrap.wrap(" ".join(b.split()), col) or [""] for b in bodies]
+    lines = [" | ".join(h.ljust(col) for h in headers), "-+-".join("-" * col for _ in headers)]
+    for i in range(max(len(w) for w in wrapped)):
+        lines.append(" | ".join((w[i] if i < len(w) else "").ljust(col) for w in wrapped))
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from avec.data import load_prompts
+    from avec.generation import steered_completions
+    from avec.vector import load_vector
+
+    prompts = args.prompt if args.prompt else load_prompts(args.prompts_file)
+    if args.vector is None and args.coef and any(c != 0 for c in args.coef):
+        raise ValueError("--coef needs --vector")
+    if args.vector is None and (args.layer or args.op != "add"):
+        raise ValueError("--layer and --op need --vector")
+    coefs = args.coef if args.coef else ([1.0] if args.vector else [0.0])
+    model = _load(args)
+    vector = load_vector(args.vector, model) if args.vector else None
+    run_coefs = list(dict.fromkeys([0.0, *coefs]))  # unsteered first, for side-by-side display
+    results = steered_completions(
+        model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
+        op=args.op, value=args.clamp_value, max_new_tokens=args.max_new_tokens,
+        chat=False if args.no_chat else None, batch_size=args.batch_size, progress=True)
+    if args.json:
+        wanted = [r for r in results if r.coef in coefs]
+        _emit_json([r.to_dict() for r in wanted])
+        return 0
+    for prompt in dict.fromkeys(prompts):
+        row = [r for r in results if r.prompt == prompt]
+        headers = ["unsteered" if r.coef == 0 else f"coef {r.coef:+g}" for r in row]
+        print(f"\n>>> {prompt}")
+        print(_columns(headers, [r.text for r in row]))
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from avec.vector import SteeringVector
+
+    info = SteeringVector.load(args.file).describe()
+    if args.json:
+        _emit_json(info)
+    else:
+        for key, value in info.items():
+            print(f"{key:>14}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from avec.data.demo import DEMO_PAIRS, DEMO_PROMPTS, DEMO_TARGET_WORDS
+    from avec.extract import extract
+    from avec.generation import steered_completions
+
+    model = _load(args)
+    t0 = time.perf_counter()
+    vec = extract(model, DEMO_PAIRS, [args.layer], progress=True)
+    vec.metadata["source_pairs"] = "avec built-in demo pairs (ocean vs everyday topics)"
+    _log(args, f"extracted a mean-difference vector from {len(DEMO_PAIRS)} built-in pairs at "
+               f"layer {args.layer} in {time.perf_counter() - t0:.1f} s")
+    out = vec.save(args.output)
+    results = steered_completions(model, DEMO_PROMPTS, vec, [0.0, args.coef],
+                                  max_new_tokens=args.max_new_tokens, progress=True)
+
+    def hits(coef: float) -> int:
+        return sum(any(w in r.text.lower() for w in DEMO_TARGET_WORDS)
+                   for r in results if r.coef == coef)
+
+    summary = {"vector": str(out), "layer": args.layer, "coef": args.coef,
+               "pairs": len(DEMO_PAIRS), "prompts": len(DEMO_PROMPTS),
+               "ocean_word_completions": {"unsteered": hits(0.0), "steered": hits(args.coef)},
+               "completions": [r.to_dict() for r in results]}
+    if args.json:
+        _emit_json(summary)
+        return 0
+    print(f"\navec demo: steering {model.name} toward the ocean (layer {args.layer}, "
+          f"coef {args.coef:+g})")
+    for prompt in DEMO_PROMPTS:
+        row = [r for r in results if r.prompt == prompt]
+        print(f"\n>>> {prompt}")
+        print(_columns(["unsteered", f"steered (coef {args.coef:+g})"], [r.text for r in row]))
+    print(f"\ncompletions mentioning the ocean/sea: unsteered {hits(0.0)}/{len(DEMO_PROMPTS)}, "
+          f"steered {hits(args.coef)}/{len(DEMO_PROMPTS)}")
+    print(f"vector saved to {out}  (try: avec generate --vector {out} --coef 8 --prompt 'Hi!')")
+    return 0
+
+
+COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    args = build_parser().parse_args(argv)
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    from avec.errors import AvecError
+
+    try:
+        return COMMANDS[args.command](args)
+    except (AvecError, ValueError, FileNotFoundError) as exc:
+        print(f"avec {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
