@@ -1,0 +1,115 @@
+"""The avec command on a tiny model directory (no downloads)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from avec.cli import build_parser, main
+from avec.data import ContrastPair, save_jsonl_pairs
+from avec.vector import SteeringVector
+
+from conftest import make_tiny
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tiny = make_tiny("llama")
+    tiny.hf.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def pairs_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    save_jsonl_pairs([ContrastPair("I love this", "I hate this"),
+                      ContrastPair("wonderful day", "awful day")], path)
+    return path
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_extract_info_generate(capsys, tmp_path, model_dir, pairs_file):
+    vec_path = tmp_path / "v.safetensors"
+    code, out, _ = run(capsys, "extract", "--model", str(model_dir), "--pairs", str(pairs_file),
+                       "--layer", "1", "--layer", "2", "--output", str(vec_path), "--json")
+    assert code == 0
+    info = json.loads(out)
+    assert info["layers"] == [1, 2] and info["n_pairs"] == 2 and info["position"] == "last"
+    vec = SteeringVector.load(vec_path)
+    assert vec.metadata["model"]["name"] == "tiny-llama" and vec.width == 32
+
+    code, out, _ = run(capsys, "info", str(vec_path), "--json")
+    assert code == 0 and json.loads(out)["n_pairs"] == 2
+
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--vector", str(vec_path),
+                       "--coef", "0", "--coef", "30", "--layer", "1", "--prompt", "Tell me",
+                       "--prompt", "hi", "--max-new-tokens", "8", "--json")
+    assert code == 0
+    rows = json.loads(out)
+    assert [(r["prompt"], r["coef"]) for r in rows] == [("Tell me", 0.0), ("Tell me", 30.0),
+                                                        ("hi", 0.0), ("hi", 30.0)]
+    assert set(rows[0]) == {"prompt", "coef", "text"}
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--prompt", "Tell me",
+                       "--prompt", "hi", "--max-new-tokens", "8", "--json")
+    plain = json.loads(out)
+    assert [r["text"] for r in plain] == [rows[0]["text"], rows[2]["text"]]  # coef 0 == unsteered
+    assert "<eos>" not in out and "<|assistant|>" not in out
+
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--vector", str(vec_path),
+                       "--coef", "30", "--prompt", "Tell me", "--max-new-tokens", "6")
+    assert code == 0 and "unsteered" in out and "coef +30" in out and ">>> Tell me" in out
+
+
+def test_prompts_file_and_ab_extraction(capsys, tmp_path, model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("first prompt\nsecond prompt\n")
+    code, out, _ = run(capsys, "generate", "--model", str(model_dir), "--prompts-file",
+                       str(prompts), "--max-new-tokens", "4", "--json")
+    assert code == 0 and [r["prompt"] for r in json.loads(out)] == ["first prompt", "second prompt"]
+    ab = tmp_path / "ab.json"
+    ab.write_text(json.dumps([
+        {"question": "Q1?\n(A) yes\n(B) no", "answer_matching_behavior": "(A)",
+         "answer_not_matching_behavior": "(B)"},
+        {"question": "Q2?\n(A) no\n(B) yes", "answer_matching_behavior": "(B)",
+         "answer_not_matching_behavior": "(A)"}]))
+    code, out, _ = run(capsys, "extract", "--model", str(model_dir), "--pairs", str(ab),
+                       "--layer", "0", "--chat", "-o", str(tmp_path / "ab.safetensors"), "--json")
+    assert code == 0 and json.loads(out)["position"] == "ab_letter"
+    meta = SteeringVector.load(tmp_path / "ab.safetensors").metadata
+    assert meta["chat_template"] is True and meta["positions"] == "ab_letter"
+
+
+def test_cli_errors_are_clear(capsys, tmp_path, model_dir, pairs_file):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"positive": "a", "negative": "b"}\n{"positive": "a"}\n')
+    code, _, err = run(capsys, "extract", "--model", str(model_dir), "--pairs", str(bad),
+                       "--layer", "0", "-o", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "bad.jsonl:2" in err and "missing key 'negative'" in err
+    code, _, err = run(capsys, "extract", "--model", str(model_dir), "--pairs", str(pairs_file),
+                       "--layer", "9", "-o", str(tmp_path / "x.safetensors"))
+    assert code == 2 and "layers are 0..3" in err
+    wide = SteeringVector({1: torch.ones(48)}, {"model": {"name": "other", "d_model": 48}})
+    wide.save(tmp_path / "wide.safetensors")
+    code, _, err = run(capsys, "generate", "--model", str(model_dir), "--vector",
+                       str(tmp_path / "wide.safetensors"), "--prompt", "x")
+    assert code == 2 and "does not match the model width 32" in err
+    code, _, err = run(capsys, "generate", "--model", str(model_dir), "--coef", "3",
+                       "--prompt", "x")
+    assert code == 2 and "--coef needs --vector" in err
+    code, _, err = run(capsys, "info", str(tmp_path / "missing.safetensors"))
+    assert code == 2 and "not found" in err
+
+
+def test_help_lists_commands():
+    text = build_parser().format_help()
+    for cmd in ("extract", "generate", "info", "demo"):
+        assert cmd in text
