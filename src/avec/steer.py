@@ -137,10 +137,28 @@ def _row_coef(iv: Intervention, hidden: torch.Tensor) -> torch.Tensor | float:
     return float(coef)
 
 
+def _require_positions(state: _PositionState) -> tuple[torch.Tensor, torch.Tensor]:
+    if state.positions is None or state.prompt_len is None:
+        raise SteeringError("position state missing: call the model itself (model.hf), "
+                            "not one of its sub-modules, when steering by position")
+    return state.positions, state.prompt_len
+
+
+def _positional_delta(direction: torch.Tensor, hidden: torch.Tensor,
+                      state: _PositionState) -> torch.Tensor:
+    """For a ``[T, d]`` block (ActAdd): row b, token at index p gets ``direction[p]`` if p < T."""
+    pos, _ = _require_positions(state)
+    pos = pos.to(hidden.device)
+    inside = (pos < direction.shape[0]).unsqueeze(-1).to(hidden.dtype)
+    return direction[pos.clamp(max=direction.shape[0] - 1)] * inside
+
+
 def _apply(iv: Intervention, layer: int, direction: torch.Tensor, hidden: torch.Tensor,
            state: _PositionState) -> torch.Tensor:
     coef = _row_coef(iv, hidden)
-    if iv.op == "add":
+    if direction.dim() == 2:
+        delta = coef * _positional_delta(direction, hidden, state)
+    elif iv.op == "add":
         delta = coef * direction
     else:
         unit = direction / direction.norm()
@@ -148,14 +166,12 @@ def _apply(iv: Intervention, layer: int, direction: torch.Tensor, hidden: torch.
         target = 0.0 if iv.op == "ablate" else iv.value_at(layer)
         delta = coef * (target - proj).unsqueeze(-1) * unit
     if iv.positions != "all":
-        if state.positions is None or state.prompt_len is None:
-            raise SteeringError("position state missing: call the model itself (model.hf), "
-                                "not one of its sub-modules, when steering by position")
-        pos = state.positions.to(hidden.device)
+        pos, prompt_len = _require_positions(state)
+        pos = pos.to(hidden.device)
         if iv.positions == "prompt":
-            keep = pos < state.prompt_len.to(hidden.device).view(-1, 1)
+            keep = pos < prompt_len.to(hidden.device).view(-1, 1)
         elif iv.positions == "generated":
-            keep = pos >= state.prompt_len.to(hidden.device).view(-1, 1)
+            keep = pos >= prompt_len.to(hidden.device).view(-1, 1)
         else:
             keep = pos >= int(iv.positions)
         delta = delta * keep.unsqueeze(-1).to(hidden.dtype)
@@ -204,6 +220,12 @@ def steer(model: Model,
             continue
         for layer in iv.layers or []:
             direction = iv.vector[layer].to(model.device, model.dtype)
+            if direction.dim() == 2 and iv.op != "add":
+                raise SteeringError(f"a per-position (ActAdd) vector can only be added, not "
+                                    f"{iv.op}ed")
+            if direction.dim() not in (1, 2):
+                raise SteeringError(f"a language-model direction must be [d] or [T, d], got "
+                                    f"shape {tuple(direction.shape)}")
             if iv.op != "add" and float(direction.float().norm()) == 0.0:
                 raise SteeringError(f"cannot {iv.op} along a zero direction (layer {layer})")
             plans.setdefault(layer, _LayerPlan()).ops.append((iv, direction))
@@ -220,7 +242,8 @@ def steer(model: Model,
         return hook
 
     try:
-        if any(iv.positions != "all" for iv in interventions if not iv.is_noop):
+        if any(iv.positions != "all" or len(iv.vector.shape) == 2
+               for iv in interventions if not iv.is_noop):
             handles.append(model.hf.register_forward_pre_hook(
                 lambda _m, args, kwargs: state.update(args, kwargs), with_kwargs=True))
         for layer, plan in sorted(plans.items()):
