@@ -113,3 +113,29 @@ def test_help_lists_commands():
     text = build_parser().format_help()
     for cmd in ("extract", "generate", "info", "demo"):
         assert cmd in text
+
+
+def test_eval_and_sweep_commands(capsys, tmp_path, model_dir, pairs_file):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nhow are you\n")
+    code, out, _ = run(capsys, "sweep", "kl", "--model", str(model_dir), "--pairs",
+                       str(pairs_file), "--layers", "0-2:2", "--coef", "0", "--coef", "2",
+                       "--prompts", str(prompts), "-o", str(tmp_path / "sw"), "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert res["layers"] == [0, 2] and res["coefs"] == [0.0, 2.0]
+    assert all(row[0] == 0.0 and row[1] > 0 for row in res["values"])
+    assert (tmp_path / "sw" / "sweep_kl.png").is_file() and (tmp_path / "sw" / "sweep_kl.csv").is_file()
+    essay = tmp_path / "essay.txt"
+    essay.write_text("A short essay about nothing in particular, written for a test.")
+    code, out, _ = run(capsys, "eval", "ppl", "--model", str(model_dir), "--texts", str(essay))
+    assert code == 0 and "ppl on tiny-llama (unsteered)" in out
+    ab = tmp_path / "ab.json"
+    ab.write_text(json.dumps([{"prompt": "Q?\n(A) x\n(B) y", "correct": "(A)",
+                               "incorrect": "(B)"}]))
+    code, out, _ = run(capsys, "eval", "mmlu", "--model", str(model_dir), "--data", str(ab),
+                       "--json")
+    assert code == 0 and 0 < json.loads(out)["values"][0][0] < 1
+    code, _, err = run(capsys, "eval", "kl", "--model", str(model_dir), "--coef", "2",
+                       "--prompts", str(prompts))
+    assert code == 2 and "needs --vector or --pairs" in err

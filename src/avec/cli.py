@@ -55,7 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pair file format (auto: .json is A/B, anything else JSONL)")
     p.add_argument("--layer", type=int, action="append", required=True,
                    help="0-based block whose output is read (repeat for several layers)")
-    p.add_argument("--method", default="mean_diff", help="direction method (default mean_diff)")
+    p.add_argument("--method", default="mean_diff",
+                   choices=["mean_diff", "pca", "probe", "random", "actadd"],
+                   help="direction method (default mean_diff; actadd takes exactly one pair)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random control direction")
     p.add_argument("--position", type=_position, default=None,
                    help="token read: last (default; ab_letter for A/B data), mean, ab_letter or "
                         "an int index")
@@ -85,6 +88,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--batch-size", type=int, default=16)
     _add_model_args(p)
+
+    for name, helptext in (("eval", "measure a metric, unsteered and steered"),
+                           ("sweep", "a metric over layers x coefficients: JSON, CSV, heatmap")):
+        p = sub.add_parser(name, help=helptext, description=EVAL_DESCRIPTION)
+        p.add_argument("metric", choices=["ab", "mmlu", "kl", "ppl", "logit-diff", "concept"])
+        vec = p.add_mutually_exclusive_group()
+        vec.add_argument("--vector", help="steering vector file")
+        vec.add_argument("--pairs", help="build a mean-difference vector from these pairs first "
+                         "(A/B .json: chat template, answer letter; .jsonl: last token)")
+        p.add_argument("--layers", default=None,
+                       help="layers to steer: 14, 4,8,12 or 4-20[:step] (default: the vector's)")
+        p.add_argument("--coef", type=float, action="append",
+                       help="coefficient (repeat; default 0 and 1)")
+        p.add_argument("--data", help="A/B JSON (ab, mmlu): CAA behaviour or prompt/correct items")
+        p.add_argument("--prompts", help="prompts file for kl, logit-diff, concept")
+        p.add_argument("--texts", nargs="+", help="text files whose perplexity is measured (ppl)")
+        p.add_argument("--tokens", nargs=2, action="append", metavar=("A", "B"),
+                       help="logit-diff token pair (repeat), e.g. --tokens ' love' ' hate'")
+        p.add_argument("--keywords", help="comma-separated keywords (concept: keyword rate)")
+        p.add_argument("--concept", help="concept description (concept: embedding judge)")
+        p.add_argument("--limit", type=int, help="use only the first N items/prompts")
+        p.add_argument("--max-new-tokens", type=int, default=48)
+        p.add_argument("--no-chat", action="store_true", help="no chat template for A/B prompts")
+        if name == "sweep":
+            p.add_argument("--output-dir", "-o", required=True,
+                           help="directory for sweep_<metric>.json/.csv/.png")
+        _add_model_args(p)
 
     p = sub.add_parser("info", help="show the metadata of a vector file")
     p.add_argument("file")
@@ -129,7 +159,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     model = _load(args)
     t0 = time.perf_counter()
     vec = extract(model, pairs, args.layer, method=args.method, position=position,
-                  chat=args.chat, batch_size=args.batch_size, progress=True)
+                  chat=args.chat, batch_size=args.batch_size, progress=True, seed=args.seed)
     vec.metadata["source_pairs"] = str(args.pairs)
     out = vec.save(args.output)
     info = {"output": str(out), "method": args.method, "n_pairs": len(pairs),
@@ -184,6 +214,92 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_DESCRIPTION = """Metrics: ab (CAA A/B p(matching letter), steering the tokens after the
+question), mmlu (the same on prompt/correct/incorrect items: p(correct)), kl (KL of next-token
+distributions on prompts vs the unsteered model, last position), ppl (perplexity of text files,
+read as given, steered at every position), logit-diff (logit(A) - logit(B) after each prompt),
+concept (greedy completions scored by keyword rate or embedding similarity to --concept)."""
+
+
+def _eval_inputs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+    from avec.data import load_prompts
+    from avec.evaluate.ab import load_ab_items
+
+    lim = slice(None, args.limit)
+    inputs: dict[str, Any] = {"chat": not args.no_chat}
+    if args.metric in ("ab", "mmlu"):
+        if not args.data:
+            raise ValueError(f"metric {args.metric} needs --data FILE.json")
+        inputs["items"] = load_ab_items(args.data)[lim]
+    if args.metric in ("kl", "logit-diff", "concept"):
+        if not args.prompts:
+            raise ValueError(f"metric {args.metric} needs --prompts FILE")
+        inputs["prompts"] = load_prompts(args.prompts)[lim]
+    if args.metric == "ppl":
+        if not args.texts:
+            raise ValueError("metric ppl needs --texts FILE [FILE ...]")
+        inputs["texts"] = [Path(t).read_text(encoding="utf-8") for t in args.texts][lim]
+    if args.metric == "logit-diff":
+        if not args.tokens:
+            raise ValueError("metric logit-diff needs --tokens A B")
+        inputs["token_pairs"] = [tuple(t) for t in args.tokens]
+    if args.metric == "concept":
+        inputs["keywords"] = [k.strip() for k in (args.keywords or "").split(",") if k.strip()]
+        inputs["concept"] = args.concept or ""
+        inputs["max_new_tokens"] = args.max_new_tokens
+    return inputs
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from avec.data import load_pairs
+    from avec.evaluate.sweep import parse_layers, run_sweep
+    from avec.extract import extract
+    from avec.vector import load_vector
+
+    model = _load(args)
+    layers = parse_layers(args.layers) if args.layers else None
+    if args.vector:
+        vector = load_vector(args.vector, model)
+    elif args.pairs:
+        if layers is None:
+            raise ValueError("--pairs needs --layers")
+        is_ab = Path(args.pairs).suffix == ".json"
+        vector = extract(model, load_pairs(args.pairs), layers, chat=is_ab,
+                         position="ab_letter" if is_ab else "last", progress=True)
+    else:
+        vector = None
+    if vector is None and args.coef and any(c != 0 for c in args.coef):
+        raise ValueError("nonzero --coef needs --vector or --pairs")
+    coefs = args.coef or ([0.0, 1.0] if vector is not None else [0.0])
+    if vector is not None:
+        layers = layers or vector.layers
+    else:
+        layers = [0]  # unsteered: any layer, all coefficients are 0
+    metric = {"mmlu": "ab", "logit-diff": "logit_diff"}.get(args.metric, args.metric)
+    result = run_sweep(model, metric, vector, layers, coefs, progress=True,
+                       **_eval_inputs(args, model))
+    result.extra.update({"model": model.name, "metric_name": args.metric,
+                         "vector": args.vector or args.pairs})
+    files = result.write(args.output_dir, f"{args.metric} on {model.name}") \
+        if getattr(args, "output_dir", None) else {}
+    if args.json:
+        out = {"metric": args.metric, "layers": result.layers, "coefs": result.coefs,
+               "values": result.values, "files": files,
+               **{k: v for k, v in result.extra.items() if k != "samples"}}
+        _emit_json(out)
+        return 0
+    width = max(8, *(len(f"{c:g}") + 2 for c in result.coefs))
+    print(f"{args.metric} on {model.name}" + (f" (vector {result.extra['vector']})"
+                                              if vector is not None else " (unsteered)"))
+    print("layer".rjust(6) + "".join(f"coef {c:g}".rjust(width + 5) for c in result.coefs))
+    for L, row in zip(result.layers, result.values):
+        print(str(L if vector is not None else "-").rjust(6)
+              + "".join(f"{v:.4f}".rjust(width + 5) for v in row))
+    for kind, path in files.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from avec.vector import SteeringVector
 
@@ -234,7 +350,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "info": cmd_info, "demo": cmd_demo}
+COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
+            "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
