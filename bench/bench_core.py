@@ -81,6 +81,23 @@ def full_forward(model: avec.Model, token_lists: list[list[int]], batch_size: in
             model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
 
 
+def bench_ab_sweep(model: avec.Model, reps: int) -> dict[str, object]:
+    """A/B p(match) over the 50 CAA refusal test questions: 9 coefficients vs 1."""
+    from avec.evaluate.ab import ab_sweep, load_ab_items
+
+    items = load_ab_items(DATA / "caa" / "refusal" / "test_dataset_ab.json")
+    pairs = load_ab_pairs(DATA / "caa" / "refusal" / "generate_dataset.json")[:64]
+    vec = avec.extract(model, pairs, [14], position="ab_letter", chat=True)
+    nine = [-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0]
+    one_t, nine_t = [], []
+    for _ in range(reps):
+        one_t += timed(lambda: ab_sweep(model, items, vec, [14], [1.0]), 1)
+        nine_t += timed(lambda: ab_sweep(model, items, vec, [14], nine), 1)
+    return {"data": "caa/refusal/test_dataset_ab.json (50 questions), layer 14",
+            "one_coef_s": summary(one_t), "nine_coefs_s": summary(nine_t),
+            "ratio_nine_over_one": round(statistics.median(nine_t) / statistics.median(one_t), 3)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=3)
@@ -140,6 +157,7 @@ def main() -> None:
         "ratio_extract_over_full_forward": round(
             statistics.median(extract_t) / statistics.median(full_t), 3),
     }
+    results["ab_sweep"] = bench_ab_sweep(model, args.reps)
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(results, indent=2))
     ex = results["extraction"]
@@ -152,6 +170,10 @@ def main() -> None:
         print(f"{key + f' ({len(pairs)} pairs, L{L})':<48} {ex[key]['median']:>9.3f}s")
     print(f"{'extract / forward-to-layer':<48} {ex['ratio_extract_over_forward_to_layer']:>10}")
     print(f"{'extract / full forward':<48} {ex['ratio_extract_over_full_forward']:>10}")
+    ab = results["ab_sweep"]
+    print(f"{'A/B eval, 50 questions, 1 coefficient':<48} {ab['one_coef_s']['median']:>9.3f}s")
+    print(f"{'A/B eval, 50 questions, 9 coefficients':<48} {ab['nine_coefs_s']['median']:>9.3f}s")
+    print(f"{'9 coefficients / 1 coefficient':<48} {ab['ratio_nine_over_one']:>10}")
     print(f"wrote {OUT}")
 
 

@@ -116,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="directory for sweep_<metric>.json/.csv/.png")
         _add_model_args(p)
 
+    p = sub.add_parser("top-examples", help="texts and tokens that project most on a direction",
+                       description="Rank the texts of a corpus by the largest projection of any "
+                       "of their tokens (after the first) on the vector's direction at one layer, "
+                       "and write highlighted HTML.")
+    p.add_argument("--vector", required=True)
+    p.add_argument("--layer", type=int, help="layer of the vector (default: its only layer)")
+    p.add_argument("--texts", nargs="+", required=True,
+                   help=".txt files (split at blank lines) or .json/.jsonl prompt files")
+    p.add_argument("-k", type=int, default=20)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--html", help="write the highlighted examples to this HTML file")
+    _add_model_args(p)
+
     p = sub.add_parser("info", help="show the metadata of a vector file")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -300,6 +313,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_top_examples(args: argparse.Namespace) -> int:
+    from avec.evaluate.top_examples import load_corpus, render_html, top_examples
+    from avec.vector import load_vector
+
+    texts = load_corpus(args.texts)
+    model = _load(args)
+    vec = load_vector(args.vector, model)
+    if args.layer is None:
+        if len(vec.layers) != 1:
+            raise ValueError(f"the vector has layers {vec.layers}; choose one with --layer")
+        args.layer = vec.layers[0]
+    if args.layer not in vec.directions:
+        raise ValueError(f"the vector has no layer {args.layer}; it has {vec.layers}")
+    examples = top_examples(model, texts, vec[args.layer], args.layer, k=args.k,
+                            max_tokens=args.max_tokens, progress=True)
+    if args.html:
+        Path(args.html).write_text(render_html(
+            examples, f"Top {len(examples)} examples of {Path(args.vector).name} at layer "
+            f"{args.layer}", f"{len(texts)} texts from {', '.join(args.texts)}; model "
+            f"{model.name}"), encoding="utf-8")
+    if args.json:
+        _emit_json([{"rank": r, "text": "".join(e.tokens), "token": e.tokens[e.token_index],
+                     "token_index": e.token_index, "score": round(e.score, 4)}
+                    for r, e in enumerate(examples, start=1)])
+    else:
+        for r, e in enumerate(examples, start=1):
+            snippet = " ".join("".join(e.tokens).split())[:90]
+            print(f"{r:>3} {e.score:8.2f}  [{e.tokens[e.token_index].strip()}]  {snippet}")
+        if args.html:
+            print(f"wrote {args.html}")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from avec.vector import SteeringVector
 
@@ -351,7 +397,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
-            "info": cmd_info, "demo": cmd_demo}
+            "top-examples": cmd_top_examples, "info": cmd_info, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
