@@ -122,3 +122,15 @@ def test_demo_pairs_are_valid():
     assert len({p.positive for p in DEMO_PAIRS}) == len(DEMO_PAIRS)
     for p in DEMO_PAIRS:
         assert p.positive.split()[:3] == p.negative.split()[:3]  # shared frame
+
+
+def test_synthetic_cleaning():
+    from avec.data.synthetic import acceptable, first_sentence
+
+    assert first_sentence('"The sea is wide." And more text.') == "The sea is wide."
+    assert first_sentence("no end here") == "no end here"
+    assert acceptable("The sea is wide and deep.")
+    assert not acceptable("Too short.")
+    assert not acceptable("I'm sorry, I cannot write that.")
+    assert not acceptable("Here is a sentence about the sea.")
+    assert not acceptable("The sea is wide and deep")  # unfinished

@@ -95,3 +95,21 @@ def test_read_site_equals_write_site_real(real_model, ocean):
     assert torch.equal(steered[10], base[10])
     torch.testing.assert_close(steered[11] - base[11], (3.0 * ocean[10]).expand_as(base[11]),
                                rtol=1e-4, atol=1e-4)
+
+
+def test_pairs_generate_cli(tmp_path, capsys):
+    import json
+
+    from avec.cli import main
+    from avec.data import load_pairs
+
+    out = tmp_path / "pairs.jsonl"
+    assert main(["pairs", "generate", "--concept", "the ocean", "-n", "3", "-o", str(out),
+                 "--max-attempts", "12", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    pairs = load_pairs(out)
+    assert 1 <= len(pairs) == info["pairs"] <= 3
+    assert len({p.positive for p in pairs}) == len(pairs)
+    line = json.loads(out.read_text().splitlines()[0])
+    assert line["generator"]["model"] == "SmolLM2-135M-Instruct.Q4_1"
+    assert line["concept"] == "the ocean" and line["generator"]["seed"] == 0

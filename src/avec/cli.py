@@ -129,6 +129,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="write the highlighted examples to this HTML file")
     _add_model_args(p)
 
+    p = sub.add_parser("pairs", help="synthetic contrast pairs: `avec pairs generate`")
+    psub = p.add_subparsers(dest="pairs_command", required=True, metavar="SUBCOMMAND")
+    g = psub.add_parser("generate", help="an instruct model writes matched pairs for a concept",
+                        description="Sample sentences about the concept and about neutral topics "
+                        "from the same templates; drop malformed and duplicate outputs.")
+    g.add_argument("--concept", required=True, help='e.g. "the ocean"')
+    g.add_argument("-n", type=int, default=32, help="number of pairs")
+    g.add_argument("-o", "--output", required=True, help="output .jsonl")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--max-attempts", type=int, default=None, help="default 4 x n candidates")
+    _add_model_args(g)
+
     p = sub.add_parser("info", help="show the metadata of a vector file")
     p.add_argument("file")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -346,6 +359,29 @@ def cmd_top_examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from avec.data.synthetic import generate_pairs, save_generated
+
+    model = _load(args)
+    pairs = generate_pairs(model, args.concept, args.n, seed=args.seed,
+                           temperature=args.temperature, max_attempts=args.max_attempts,
+                           progress=True)
+    if not pairs:
+        raise ValueError(f"{model.name} produced no acceptable pairs for {args.concept!r}; "
+                         f"raise --max-attempts or use a stronger --model")
+    generator = {"model": model.name, "source": model.source, "seed": args.seed,
+                 "temperature": args.temperature}
+    save_generated(pairs, args.output, args.concept, generator)
+    info = {"output": args.output, "pairs": len(pairs), "requested": args.n,
+            "generator": generator}
+    if args.json:
+        _emit_json(info)
+    else:
+        print(f"wrote {len(pairs)} of {args.n} requested pairs to {args.output} "
+              f"(written by {model.name}, seed {args.seed})")
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from avec.vector import SteeringVector
 
@@ -397,7 +433,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
-            "top-examples": cmd_top_examples, "info": cmd_info, "demo": cmd_demo}
+            "top-examples": cmd_top_examples, "pairs": cmd_pairs, "info": cmd_info,
+            "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -35,9 +35,11 @@ def format_prompt(model: Model, prompt: str, chat: bool | None = None) -> tuple[
 
 
 @torch.inference_mode()
-def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int) -> list[list[int]]:
-    """Greedy continuation of a batch of token lists (left-padded); returns new tokens only,
-    cut at the first end-of-sequence token."""
+def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int, *,
+                 temperature: float = 0.0, seed: int = 0) -> list[list[int]]:
+    """Continuation of a batch of token lists (left-padded): greedy, or sampled at
+    ``temperature`` > 0 with ``seed`` (the global torch RNG is restored afterwards). Returns new
+    tokens only, cut at the first end-of-sequence token."""
     from transformers import GenerationConfig
 
     tok = model.tokenizer
@@ -45,9 +47,14 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int)
     if eos is None:
         eos = tok.eos_token_id
     input_ids, mask, _ = pad_batch(prompt_ids, tok.pad_token_id, "left", model.device)
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-                              pad_token_id=tok.pad_token_id, eos_token_id=eos)
-    out = model.hf.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
+    sample = temperature > 0
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
+                              pad_token_id=tok.pad_token_id, eos_token_id=eos,
+                              **({"temperature": temperature, "top_k": 0, "top_p": 1.0}
+                                 if sample else {}))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model.hf.generate(input_ids=input_ids, attention_mask=mask, generation_config=config)
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     results = []
     for row in out[:, input_ids.shape[1]:].tolist():

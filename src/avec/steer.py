@@ -10,7 +10,8 @@ token among its row's real tokens (padding excluded): ``"all"``, ``"prompt"`` (t
 first, cache-less forward pass), ``"generated"`` (later tokens) or ``k`` / ``"from:k"`` (index
 >= k). Hooks are removed when the ``with`` block ends, also when it raises.
 
-Within one ``steer`` call interventions apply in the order given. Steering hooks run before any
+A ``[T, d]`` direction (ActAdd) is added position by position: the token at index p < T gets
+row p. Within one ``steer`` call interventions apply in the order given. Steering hooks run before any
 other forward hook on the block (so ``output_hidden_states`` and readers see steered values);
 with nested ``steer`` contexts the innermost one is applied first.
 """

@@ -1,0 +1,112 @@
+"""Synthetic contrast pairs: an instruct model writes matched sentences for a concept.
+
+Each pair comes from one template and one suggested opening word: the positive is the model's
+sentence about the concept, the negative its sentence about a neutral everyday topic from the
+same template and opening, so the pair differs mainly in the concept (small models do not
+always follow the opening word; that is not required). Sampling is seeded. Outputs
+are cut to their first sentence; empty, too short or too long sentences, refusals, sentences
+that echo the instruction, and duplicates are dropped. Every line of the output file records the
+model that wrote it.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from avec.data.pairs import ContrastPair
+from avec.generation import format_prompt, generate_ids
+from avec.models.model import Model
+
+TEMPLATES = (
+    "Write one sentence about {topic}. Begin with \"{opener}\".",
+    "In a single sentence, describe {topic}. Start your sentence with \"{opener}\".",
+    "Write a short, vivid sentence about {topic} that begins with \"{opener}\".",
+    "Tell me one interesting thing about {topic} in one sentence starting with \"{opener}\".",
+)
+OPENERS = ("I", "The", "My", "Yesterday", "Every", "When", "Our", "She", "He", "In",
+           "Sometimes", "Last", "There", "We", "People", "This")
+NEUTRAL_TOPICS = (
+    "office paperwork", "a bus timetable", "filing taxes", "a kitchen table", "grocery shopping",
+    "a parking lot", "spreadsheets", "a printer", "doing laundry", "a bank queue",
+    "a weekly meeting", "a hardware store", "commuting to work", "a filing cabinet",
+    "a pencil sharpener", "an empty hallway", "a software update", "a delivery schedule",
+    "an insurance form", "a staircase", "a light switch", "cardboard boxes", "a plain wall",
+    "a calendar", "an elevator", "a stapler", "a desk lamp", "a train station",
+)
+REFUSALS = ("i'm sorry", "i am sorry", "as an ai", "i cannot", "i can't", "sentence")
+
+
+@dataclass(frozen=True)
+class GeneratedPair:
+    pair: ContrastPair
+    template: str
+    opener: str
+    neutral_topic: str
+
+
+def first_sentence(text: str) -> str:
+    text = " ".join(text.replace('"', " ").split())
+    match = re.search(r"(.+?[.!?])(\s|$)", text)
+    return (match.group(1) if match else text).strip()
+
+
+def acceptable(sentence: str) -> bool:
+    """A complete sentence of 4-60 words that is not a refusal or an echo of the instruction."""
+    words = sentence.split()
+    low = sentence.lower()
+    return 4 <= len(words) <= 60 and sentence[-1:] in ".!?" and not any(r in low for r in REFUSALS)
+
+
+def generate_pairs(model: Model, concept: str, n: int, *, seed: int = 0,
+                   temperature: float = 0.8, max_new_tokens: int = 48, batch_size: int = 16,
+                   max_attempts: int | None = None, progress: bool = False) -> list[GeneratedPair]:
+    """Up to ``n`` pairs for ``concept``; stops after ``max_attempts`` candidates (default 4n)."""
+    if not concept.strip():
+        raise ValueError("the concept must not be empty")
+    if n < 1:
+        raise ValueError("n must be >= 1")
+    rng = random.Random(seed)
+    attempts = max_attempts or 4 * n
+    kept: list[GeneratedPair] = []
+    seen: set[str] = set()
+    bar = tqdm(total=n, desc="pairs", disable=not progress, leave=False)
+    for start in range(0, attempts, batch_size):
+        jobs = [(rng.choice(TEMPLATES), rng.choice(OPENERS), rng.choice(NEUTRAL_TOPICS))
+                for _ in range(min(batch_size, attempts - start))]
+        prompts = [t.format(topic=concept, opener=o) for t, o, _u in jobs]
+        prompts += [t.format(topic=u, opener=o) for t, o, u in jobs]
+        ids = [format_prompt(model, p)[0] for p in prompts]
+        outs = generate_ids(model, ids, max_new_tokens, temperature=temperature,
+                            seed=seed * 1_000_003 + start)
+        texts = [first_sentence(model.tokenizer.decode(o, skip_special_tokens=True)) for o in outs]
+        for k, (template, opener, topic) in enumerate(jobs):
+            pos, neg = texts[k], texts[k + len(jobs)]
+            key = pos.lower()
+            if pos == neg or key in seen or not acceptable(pos) or not acceptable(neg):
+                continue
+            seen.add(key)
+            kept.append(GeneratedPair(ContrastPair(pos, neg), template, opener, topic))
+            bar.update(1)
+            if len(kept) == n:
+                bar.close()
+                return kept
+    bar.close()
+    return kept
+
+
+def save_generated(pairs: list[GeneratedPair], path: str | Path, concept: str,
+                   generator: dict[str, Any]) -> None:
+    """JSON lines readable by ``load_pairs``; each line also records concept and generator."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for g in pairs:
+            fh.write(json.dumps({"positive": g.pair.positive, "negative": g.pair.negative,
+                                 "concept": concept, "template": g.template, "opener": g.opener,
+                                 "neutral_topic": g.neutral_topic, "generator": generator},
+                                ensure_ascii=False) + "\n")
