@@ -129,6 +129,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", help="write the highlighted examples to this HTML file")
     _add_model_args(p)
 
+    p = sub.add_parser("compare", help="fair method comparison: methods x pairs x seeds",
+                       description="Compare direction-finding methods at equal norm: for every "
+                       "method, number of pairs and seed, the best effect whose KL on neutral "
+                       "prompts stays within the budget. Writes results.json, two plots and "
+                       "report.html.")
+    p.add_argument("--pairs", required=True, help="pool of contrast pairs (.jsonl or A/B .json)")
+    target = p.add_mutually_exclusive_group(required=True)
+    target.add_argument("--data", help="A/B test items (.json): the effect is p(match)")
+    target.add_argument("--prompts", help="prompts to generate from: the effect is a concept score")
+    p.add_argument("--concept", help="concept description for the embedding judge")
+    p.add_argument("--keywords", help="comma-separated keywords (keyword rate, if no --concept)")
+    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--methods", default=",".join(["mean_diff", "pca", "probe", "actadd", "random"]))
+    p.add_argument("--n-pairs", default="1,3,8,32,128,256")
+    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--coefs", default="0.5,1,2,4,8",
+                   help="multipliers of the common-norm direction")
+    p.add_argument("--kl-budget", type=float, default=1.0)
+    p.add_argument("--kl-prompts", help="neutral prompts for KL (default: 8 built-in prompts)")
+    p.add_argument("--norm", type=float, help="common norm (default: pool mean-diff norm)")
+    p.add_argument("--limit", type=int, help="use only the first N test items / prompts")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
+    p.add_argument("--output-dir", "-o", required=True)
+    _add_model_args(p)
+
     p = sub.add_parser("pairs", help="synthetic contrast pairs: `avec pairs generate`")
     psub = p.add_subparsers(dest="pairs_command", required=True, metavar="SUBCOMMAND")
     g = psub.add_parser("generate", help="an instruct model writes matched pairs for a concept",
@@ -359,6 +385,52 @@ def cmd_top_examples(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from avec.data import load_pairs, load_prompts
+    from avec.data.demo import NEUTRAL_PROMPTS
+    from avec.evaluate.ab import load_ab_items
+    from avec.evaluate.compare import CompareSettings, Task, compare, write_outputs
+
+    is_ab = Path(args.pairs).suffix == ".json"
+    pairs = load_pairs(args.pairs)
+    lim = slice(None, args.limit)
+    keywords = [k.strip() for k in (args.keywords or "").split(",") if k.strip()]
+    if args.data:
+        task = Task(items=load_ab_items(args.data)[lim], name=args.name)
+    else:
+        if not args.concept and not keywords:
+            raise ValueError("--prompts needs --concept and/or --keywords")
+        task = Task(prompts=load_prompts(args.prompts)[lim], concept=args.concept or "",
+                    keywords=keywords, name=args.name or args.concept or "")
+    settings = CompareSettings(
+        layer=args.layer, methods=[m.strip() for m in args.methods.split(",")],
+        n_pairs=[int(x) for x in args.n_pairs.split(",")], seeds=args.seeds,
+        coefs=[float(x) for x in args.coefs.split(",")], kl_budget=args.kl_budget,
+        norm=args.norm, chat=is_ab, position="ab_letter" if is_ab else "last",
+        max_new_tokens=args.max_new_tokens)
+    kl_prompts = load_prompts(args.kl_prompts) if args.kl_prompts else NEUTRAL_PROMPTS
+    model = _load(args)
+    result = compare(model, pairs, task, settings, kl_prompts, progress=True)
+    files = write_outputs(result, args.output_dir)
+    summary = result.summary()
+    if args.json:
+        _emit_json({"baseline": result.baseline, "common_norm": result.common_norm,
+                    "summary": summary, "files": files})
+        return 0
+    print(f"baseline {result.baseline:.4f}; common norm {result.common_norm:.3f}; "
+          f"best effect within KL <= {args.kl_budget:g} (mean ± sd over {args.seeds} seeds)")
+    ns = sorted({x["n_pairs"] for x in summary})
+    print("method".ljust(10) + "".join(f"{n:>18}" for n in ns))
+    for m in dict.fromkeys(x["method"] for x in summary):
+        cells = {x["n_pairs"]: x for x in summary if x["method"] == m}
+        print(m.ljust(10) + "".join(
+            (f"{cells[n]['effect_mean']:+.3f} ± {cells[n]['effect_std']:.3f}" if n in cells
+             else "-").rjust(18) for n in ns))
+    for kind, path in files.items():
+        print(f"wrote {kind}: {path}")
+    return 0
+
+
 def cmd_pairs(args: argparse.Namespace) -> int:
     from avec.data.synthetic import generate_pairs, save_generated
 
@@ -433,7 +505,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
-            "top-examples": cmd_top_examples, "pairs": cmd_pairs, "info": cmd_info,
+            "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs, "info": cmd_info,
             "demo": cmd_demo}
 
 

@@ -100,3 +100,14 @@ DEMO_TARGET_WORDS: tuple[str, ...] = (
     "fish", "whale", "dolphin", "coast", "surf", "island", "harbor", "harbour", "underwater",
     "seaside", "water", "swim",
 )
+
+NEUTRAL_PROMPTS: list[str] = [
+    "Tell me about your weekend plans.",
+    "What should I cook for dinner tonight?",
+    "Write a short story about a cat.",
+    "Give me some advice for a job interview.",
+    "How do I learn to play the guitar?",
+    "Describe your ideal house.",
+    "What is a good way to stay productive?",
+    "Explain how a bicycle works.",
+]

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.data.pairs import ab_letter
+from avec.activations import pad_batch
 from avec.errors import DataError
 from avec.evaluate.forward import continue_from_cache, prefix_cache
 from avec.models.model import Model
@@ -92,7 +93,9 @@ def split_prompt(model: Model, question: str, chat: bool) -> tuple[list[int], li
     return ids[:-1], ids[-1:]
 
 
-@torch.inference_mode()
+Variant = tuple[SteeringVector | None, int | None]
+
+
 def ab_sweep(model: Model, items: Sequence[ABItem], vector: SteeringVector | None = None,
              layers: Sequence[int] | None = None, coefs: Sequence[float] = (0.0,), *,
              op: Op = "add", chat: bool = True, batch_size: int = 8,
@@ -104,7 +107,21 @@ def ab_sweep(model: Model, items: Sequence[ABItem], vector: SteeringVector | Non
     """
     layer_list: list[int | None] = list(layers) if layers is not None else (
         list(vector.layers) if vector is not None else [None])
-    if vector is None and any(c != 0 for c in coefs):
+    return ab_variants(model, items, [(vector, L) for L in layer_list], coefs, op=op, chat=chat,
+                       batch_size=batch_size, progress=progress)
+
+
+@torch.inference_mode()
+def ab_variants(model: Model, items: Sequence[ABItem], variants: Sequence[Variant],
+                coefs: Sequence[float] = (0.0,), *, op: Op = "add", chat: bool = True,
+                batch_size: int = 8, progress: bool = False) -> torch.Tensor:
+    """``[len(variants), len(coefs), len(items)]`` scores; a variant is ``(vector, layer)``.
+
+    Every variant with a ``[d]`` direction reuses the question's unsteered prefix cache. A
+    per-position ActAdd block is injected at the front of the prompt, so its variants run the
+    whole prompt steered (no cache sharing).
+    """
+    if any(v is None for v, _ in variants) and any(c != 0 for c in coefs):
         raise ValueError("nonzero coefficients need a vector")
     letters = sorted({x for it in items for x in (it.target, it.other)})
     letter_ids = {x: letter_token(model, x) for x in letters}
@@ -112,24 +129,36 @@ def ab_sweep(model: Model, items: Sequence[ABItem], vector: SteeringVector | Non
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (_prefix, suffix) in enumerate(split):
         groups.setdefault(tuple(suffix), []).append(i)
-    out = torch.empty(len(layer_list), len(coefs), len(items))
+    out = torch.empty(len(variants), len(coefs), len(items))
     batches = [(suffix, rows[j:j + batch_size]) for suffix, rows in groups.items()
                for j in range(0, len(rows), batch_size)]
     n = len(coefs)
     row_coefs = torch.tensor(list(coefs), dtype=torch.float32)
+
+    def record(vi: int, rows: list[int], logits: torch.Tensor) -> None:
+        probs = logits.softmax(-1)
+        for j, i in enumerate(rows):
+            it = items[i]
+            p = probs[j * n:(j + 1) * n]
+            pt, po = p[:, letter_ids[it.target]], p[:, letter_ids[it.other]]
+            out[vi, :, i] = (pt / (pt + po)).cpu()
+
     for suffix, rows in tqdm(batches, desc="A/B", disable=not progress, leave=False):
         cache, mask = prefix_cache(model, [split[i][0] for i in rows])
-        for li, layer in enumerate(layer_list):
-            if vector is None or layer is None or bool((row_coefs == 0).all()):
-                logits = continue_from_cache(model, cache, mask, list(suffix), n)
+        for vi, (vector, layer) in enumerate(variants):
+            unsteered = vector is None or layer is None or bool((row_coefs == 0).all())
+            if unsteered:
+                record(vi, rows, continue_from_cache(model, cache, mask, list(suffix), n))
+            elif len(vector.shape) == 2:  # ActAdd block: steer the whole prompt from the front
+                full = [split[i][0] + split[i][1] for i in rows for _ in coefs]
+                ids, fmask, pos = pad_batch(full, model.tokenizer.pad_token_id, "left",
+                                            model.device)
+                with steer(model, vector, coef=row_coefs.repeat(len(rows)), layers=[layer]):
+                    logits = model.hf(input_ids=ids, attention_mask=fmask, position_ids=pos,
+                                      use_cache=False).logits[:, -1].float()
+                record(vi, rows, logits)
             else:
                 with steer(model, vector, coef=row_coefs.repeat(len(rows)), layers=[layer],
                            op=op):
-                    logits = continue_from_cache(model, cache, mask, list(suffix), n)
-            probs = logits.softmax(-1)
-            for j, i in enumerate(rows):
-                it = items[i]
-                p = probs[j * n:(j + 1) * n]
-                pt, po = p[:, letter_ids[it.target]], p[:, letter_ids[it.other]]
-                out[li, :, i] = (pt / (pt + po)).cpu()
+                    record(vi, rows, continue_from_cache(model, cache, mask, list(suffix), n))
     return out

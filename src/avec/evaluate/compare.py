@@ -1,0 +1,266 @@
+"""The fair method comparison: methods x number of pairs x seeds, at equal norm and KL budget.
+
+1. Activations of every pair in the pool are read once at the layer; a (method, n, seed) cell
+   fits its direction on a seeded subset of n pairs, the *same* subset for every method.
+2. Every direction is scaled to one common norm (by default that of the mean-difference vector
+   of the whole pool), so no method wins by being longer.
+3. Each direction is swept over the coefficients; the effect is the rise of the behaviour score
+   (A/B p(match)) or concept score (embedding similarity or keyword rate of greedy completions)
+   over the unsteered model, and its side effect the KL divergence on neutral prompts.
+4. A cell's result is its best effect among the coefficients whose KL stays within the budget
+   (coefficient 0, no effect, is always within it).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import random
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from avec.activations import read_activations
+from avec.data.pairs import ContrastPair
+from avec.data.templates import pair_texts
+from avec.evaluate.ab import ABItem, ab_variants
+from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
+from avec.evaluate.side_effects import kl_divergence
+from avec.extract import extract_actadd
+from avec.generation import steered_completions
+from avec.methods import get_method
+from avec.models.model import Model
+from avec.vector import SteeringVector
+
+DEFAULT_METHODS = ("mean_diff", "pca", "probe", "actadd", "random")
+
+
+@dataclass
+class CompareSettings:
+    layer: int
+    methods: Sequence[str] = DEFAULT_METHODS
+    n_pairs: Sequence[int] = (1, 3, 8, 32, 128, 256)
+    seeds: int = 3
+    coefs: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    kl_budget: float = 1.0
+    norm: float | None = None
+    chat: bool = False
+    position: str | int = "last"
+    max_new_tokens: int = 32
+
+
+@dataclass
+class Task:
+    """What the effect is measured on: A/B items, or prompts + a concept (and/or keywords)."""
+
+    items: Sequence[ABItem] = ()
+    prompts: Sequence[str] = ()
+    concept: str = ""
+    keywords: Sequence[str] = ()
+    name: str = ""
+
+    @property
+    def kind(self) -> str:
+        return "ab" if self.items else "concept"
+
+
+@dataclass
+class CompareResult:
+    settings: dict[str, Any]
+    task: dict[str, Any]
+    baseline: float
+    common_norm: float
+    rows: list[dict[str, Any]] = field(default_factory=list)  # one per (method, n, seed)
+
+    def summary(self) -> list[dict[str, Any]]:
+        cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in self.rows:
+            cells.setdefault((r["method"], r["n_pairs"]), []).append(r)
+        out = []
+        for (method, n), rs in sorted(cells.items(), key=lambda x: (x[0][0], x[0][1])):
+            eff = [r["best_effect"] for r in rs]
+            out.append({"method": method, "n_pairs": n, "seeds": len(rs),
+                        "effect_mean": statistics.fmean(eff),
+                        "effect_std": statistics.pstdev(eff) if len(eff) > 1 else 0.0,
+                        "effect_min": min(eff), "effect_max": max(eff),
+                        "kl_at_best_mean": statistics.fmean(r["best_kl"] for r in rs)})
+        return out
+
+
+def _scaled(direction: torch.Tensor, norm: float) -> torch.Tensor:
+    if direction.dim() == 2:  # ActAdd block: mean row norm = the common norm
+        current = direction.norm(dim=-1).mean()
+    else:
+        current = direction.norm()
+    if current == 0:
+        raise ValueError("a method returned the zero direction; it cannot be scaled")
+    return direction * (norm / current)
+
+
+def _subset(pool: int, n: int, seed: int) -> list[int]:
+    return random.Random(10_007 * seed + n).sample(range(pool), n)
+
+
+def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: CompareSettings,
+            kl_prompts: Sequence[str], *, progress: bool = False) -> CompareResult:
+    """Run the comparison; see the module docstring for the protocol."""
+    layer = model.check_layers([settings.layer])[0]
+    pool = len(pairs)
+    n_grid = sorted({n for n in settings.n_pairs if n <= pool})
+    if not n_grid:
+        raise ValueError(f"every --n-pairs value exceeds the {pool} pairs available")
+    for m in settings.methods:
+        get_method(m)  # validate names early
+    pos_texts, neg_texts = pair_texts(list(pairs), model, chat=settings.chat)
+    acts = read_activations(model, pos_texts + neg_texts, [layer], position=settings.position,
+                            progress=progress)[layer]
+    pos, neg = acts[:pool], acts[pool:]
+    common = settings.norm or float((pos - neg).mean(0).norm())
+    cells: list[dict[str, Any]] = []
+    vectors: list[SteeringVector] = []
+    for method in settings.methods:
+        for n in n_grid:
+            if method == "actadd" and n != 1:
+                continue  # ActAdd is the single-pair method
+            for seed in range(settings.seeds):
+                idx = _subset(pool, n, seed)
+                if method == "actadd":
+                    direction = extract_actadd(model, pairs[idx[0]], [layer],
+                                               chat=settings.chat)[layer]
+                else:
+                    fitter = get_method(method, **({"seed": seed} if method == "random" else {}))
+                    direction = fitter.fit(pos[idx], neg[idx])
+                vectors.append(SteeringVector({layer: _scaled(direction, common)},
+                                              {"method": method, "n_pairs": n, "seed": seed}))
+                cells.append({"method": method, "n_pairs": n, "seed": seed, "pairs": idx})
+    coefs = [0.0, *[float(c) for c in settings.coefs if c != 0]]
+    effects = _effects(model, task, vectors, layer, coefs, settings, progress)
+    baseline = effects[0][0] if effects else 0.0
+    result = CompareResult(settings={**asdict(settings), "coefs": coefs},
+                           task={"kind": task.kind, "name": task.name, "n_items": len(task.items),
+                                 "n_prompts": len(task.prompts), "concept": task.concept,
+                                 "keywords": list(task.keywords), "pool_pairs": pool,
+                                 "kl_prompts": len(kl_prompts)},
+                           baseline=baseline, common_norm=common)
+    for cell, vec, eff in tqdm(list(zip(cells, vectors, effects)), desc="KL", disable=not progress,
+                               leave=False):
+        kls = kl_divergence(model, kl_prompts, vec, layer, coefs)
+        ok = [(e - baseline, c, k) for e, c, k in zip(eff, coefs, kls) if k <= settings.kl_budget]
+        best = max(ok, key=lambda x: x[0])  # coefficient 0 is always within budget
+        result.rows.append({**cell, "effects": eff, "kl": kls, "best_effect": best[0],
+                            "best_coef": best[1], "best_kl": best[2]})
+    return result
+
+
+def _effects(model: Model, task: Task, vectors: list[SteeringVector], layer: int,
+             coefs: list[float], settings: CompareSettings, progress: bool) -> list[list[float]]:
+    if task.kind == "ab":
+        scores = ab_variants(model, task.items, [(v, layer) for v in vectors], coefs,
+                             progress=progress)
+        return scores.mean(-1).tolist()
+    if not task.prompts or not (task.concept or task.keywords):
+        raise ValueError("a concept comparison needs prompts and a concept or keywords")
+    judge = EmbeddingJudge() if task.concept else None
+    out = []
+    for vec in tqdm(vectors, desc="concept", disable=not progress, leave=False):
+        comps = steered_completions(model, task.prompts, vec, coefs,
+                                    max_new_tokens=settings.max_new_tokens)
+        row = []
+        for c in coefs:
+            texts = [x.text for x in comps if x.coef == c]
+            row.append(sum(judge.scores(texts, task.concept)) / len(texts) if judge
+                       else keyword_rate(texts, task.keywords))
+        out.append(row)
+    return out
+
+
+def _png_b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, str]:
+    """results.json, effect_vs_pairs.png, effect_vs_kl.png and a self-contained report.html."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = result.summary()
+    (out / "results.json").write_text(json.dumps(
+        {**asdict(result), "summary": summary}, indent=2))
+    label = "A/B p(match) rise" if result.task["kind"] == "ab" else "concept score rise"
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in dict.fromkeys(s["method"] for s in summary):
+        rows = [s for s in summary if s["method"] == method]
+        xs = [s["n_pairs"] for s in rows]
+        ax.errorbar(xs, [s["effect_mean"] for s in rows], yerr=[s["effect_std"] for s in rows],
+                    marker="o", capsize=3, label=method)
+    ax.set_xscale("log")
+    ax.set_xlabel("number of contrast pairs")
+    ax.set_ylabel(f"best {label} (KL <= {result.settings['kl_budget']:g})")
+    ax.axhline(0, color="grey", lw=0.8)
+    ax.legend()
+    ax.set_title(f"{result.task['name'] or result.task['kind']}: effect vs pairs "
+                 f"(layer {result.settings['layer']})")
+    fig.tight_layout()
+    fig.savefig(out / "effect_vs_pairs.png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for method in dict.fromkeys(r["method"] for r in result.rows):
+        pts = [(k, e - result.baseline) for r in result.rows if r["method"] == method
+               for k, e in zip(r["kl"], r["effects"])]
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.6, label=method)
+    ax.axvline(result.settings["kl_budget"], color="red", lw=0.8, ls="--", label="KL budget")
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("KL on neutral prompts")
+    ax.set_ylabel(label)
+    ax.legend()
+    ax.set_title("effect vs side effect (every coefficient, seed and pair count)")
+    fig.tight_layout()
+    fig.savefig(out / "effect_vs_kl.png", dpi=120)
+    plt.close(fig)
+    (out / "report.html").write_text(render_report(result, summary, out), encoding="utf-8")
+    return {k: str(out / f) for k, f in (("json", "results.json"), ("pairs_plot",
+            "effect_vs_pairs.png"), ("kl_plot", "effect_vs_kl.png"), ("html", "report.html"))}
+
+
+def render_report(result: CompareResult, summary: list[dict[str, Any]], out: Path) -> str:
+    s, t = result.settings, result.task
+    methods = list(dict.fromkeys(x["method"] for x in summary))
+    ns = sorted({x["n_pairs"] for x in summary})
+    cell = {(x["method"], x["n_pairs"]): x for x in summary}
+    head = "".join(f"<th>{n}</th>" for n in ns)
+    body = ""
+    for m in methods:
+        tds = ""
+        for n in ns:
+            x = cell.get((m, n))
+            tds += (f"<td>{x['effect_mean']:+.3f} ± {x['effect_std']:.3f}<br><small>KL "
+                    f"{x['kl_at_best_mean']:.2f}</small></td>" if x else "<td>–</td>")
+        body += f"<tr><th>{html.escape(m)}</th>{tds}</tr>"
+    what = ("A/B p(matching behaviour) (CAA protocol)" if t["kind"] == "ab" else
+            (f"embedding similarity of greedy completions to “{html.escape(t['concept'])}”"
+             if t["concept"] else f"keyword rate ({html.escape(', '.join(t['keywords']))})"))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>avec compare</title>
+<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:62em;line-height:1.45}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.35em .6em;
+text-align:center}}small{{color:#666}}img{{max-width:100%}}</style></head><body>
+<h1>Steering methods compared: {html.escape(t['name'] or t['kind'])}</h1>
+<p>Effect: rise of {what} over the unsteered model (baseline {result.baseline:.3f}), at the best
+coefficient whose KL divergence on {t['kl_prompts']} neutral prompts stays within
+{s['kl_budget']:g}. Layer {s['layer']}; every direction scaled to the same norm
+({result.common_norm:.2f}, the mean-difference vector of all {t['pool_pairs']} pairs);
+coefficients {', '.join(f'{c:g}' for c in s['coefs'])}; {s['seeds']} seeds, each seed the same pair
+subset for every method; ActAdd uses one pair, injected at the front positions.</p>
+<table><tr><th>method \\ pairs</th>{head}</tr>{body}</table>
+<p><small>mean ± standard deviation over seeds; KL: mean KL at the chosen coefficient.</small></p>
+<img src="data:image/png;base64,{_png_b64(out / 'effect_vs_pairs.png')}" alt="effect vs pairs">
+<img src="data:image/png;base64,{_png_b64(out / 'effect_vs_kl.png')}" alt="effect vs KL">
+<p><small>Generated by avec; raw numbers in results.json.</small></p></body></html>"""

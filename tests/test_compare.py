@@ -1,0 +1,59 @@
+"""The method comparison on a tiny model: protocol, fairness and outputs."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from avec.data import ContrastPair
+from avec.evaluate.ab import ABItem
+from avec.evaluate.compare import CompareSettings, Task, _subset, compare, write_outputs
+
+PAIRS = [ContrastPair(f"I love thing {i}!", f"I hate thing {i}.") for i in range(10)]
+ITEMS = [ABItem("Good?\n(A) yes\n(B) no", "A", "B"), ABItem("Bad?\n(A) yes\n(B) no", "B", "A")]
+
+
+def test_compare_ab_protocol(tiny_llama, tmp_path):
+    settings = CompareSettings(layer=1, n_pairs=(1, 4, 50), seeds=2, coefs=(1.0, 4.0),
+                               kl_budget=0.5)
+    res = compare(tiny_llama, PAIRS, Task(items=ITEMS, name="toy"), settings, ["hi", "yo"])
+    methods = {(r["method"], r["n_pairs"]) for r in res.rows}
+    assert ("actadd", 1) in methods and ("actadd", 4) not in methods  # single-pair method
+    assert ("mean_diff", 50) not in methods  # more pairs than the pool: skipped
+    assert len(res.rows) == 4 * 2 * 2 + 2
+    for r in res.rows:
+        assert r["kl"][0] == 0.0 and r["effects"][0] == res.baseline  # coef 0 is unsteered
+        assert r["best_kl"] <= 0.5 and r["best_effect"] >= 0.0
+        ok = [e - res.baseline for e, k in zip(r["effects"], r["kl"]) if k <= 0.5]
+        assert abs(r["best_effect"] - max(ok)) < 1e-12
+    same = [r["pairs"] for r in res.rows if r["n_pairs"] == 4 and r["seed"] == 1]
+    assert all(p == same[0] for p in same)  # every method sees the same subset
+    assert _subset(10, 4, 1) == same[0] and _subset(10, 4, 0) != same[0]
+    summary = res.summary()
+    md4 = next(s for s in summary if s["method"] == "mean_diff" and s["n_pairs"] == 4)
+    assert md4["seeds"] == 2 and md4["effect_min"] <= md4["effect_mean"] <= md4["effect_max"]
+    files = write_outputs(res, tmp_path)
+    data = json.loads(open(files["json"]).read())
+    assert data["summary"] == json.loads(json.dumps(summary)) and data["common_norm"] > 0
+    page = open(files["html"]).read()
+    assert "data:image/png;base64," in page and "mean_diff" in page and "<script" not in page
+
+
+def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
+    import avec.evaluate.compare as cmp
+
+    seen = []
+    real = cmp._effects
+
+    def spy(model, task, vectors, layer, coefs, settings, progress):
+        seen.extend(vectors)
+        return real(model, task, vectors, layer, coefs, settings, progress)
+
+    monkeypatch.setattr(cmp, "_effects", spy)
+    settings = CompareSettings(layer=2, methods=("mean_diff", "pca", "probe", "random"),
+                               n_pairs=(3,), seeds=1, coefs=(1.0,), norm=5.0)
+    compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])
+    norms = [float(v[2].norm()) for v in seen]
+    assert len(norms) == 4 and all(abs(n - 5.0) < 1e-4 for n in norms)
+    assert not torch.allclose(seen[0][2], seen[3][2])  # random differs from mean_diff
