@@ -139,3 +139,25 @@ def test_eval_and_sweep_commands(capsys, tmp_path, model_dir, pairs_file):
     code, _, err = run(capsys, "eval", "kl", "--model", str(model_dir), "--coef", "2",
                        "--prompts", str(prompts))
     assert code == 2 and "needs --vector or --pairs" in err
+
+
+def test_compare_command(capsys, tmp_path, model_dir):
+    pairs = tmp_path / "pairs.jsonl"
+    save_jsonl_pairs([ContrastPair(f"I love item {i}", f"I hate item {i}") for i in range(6)],
+                     pairs)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nhow are you\n")
+    code, out, _ = run(capsys, "compare", "--model", str(model_dir), "--pairs", str(pairs),
+                       "--prompts", str(prompts), "--keywords", "love,like", "--layer", "1",
+                       "--n-pairs", "1,3", "--seeds", "2", "--coefs", "1,4",
+                       "--methods", "mean_diff,random", "--max-new-tokens", "6",
+                       "--kl-prompts", str(prompts), "-o", str(tmp_path / "cmp"), "--json")
+    assert code == 0
+    res = json.loads(out)
+    assert {(s["method"], s["n_pairs"]) for s in res["summary"]} == {
+        ("mean_diff", 1), ("mean_diff", 3), ("random", 1), ("random", 3)}
+    for name in ("results.json", "report.html", "effect_vs_pairs.png", "effect_vs_kl.png"):
+        assert (tmp_path / "cmp" / name).is_file()
+    code, _, err = run(capsys, "compare", "--model", str(model_dir), "--pairs", str(pairs),
+                       "--prompts", str(prompts), "--layer", "1", "-o", str(tmp_path / "x"))
+    assert code == 2 and "--concept and/or --keywords" in err
