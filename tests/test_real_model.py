@@ -6,23 +6,13 @@ import pytest
 import torch
 
 from avec.activations import pad_batch, read_activations
-from avec.data.demo import DEMO_PAIRS, DEMO_TARGET_WORDS
+from avec.data.demo import DEMO_PAIRS, DEMO_TARGET_WORDS, NEUTRAL_PROMPTS
 from avec.extract import extract
 from avec.generation import steered_completions
 from avec.steer import steer
 
 pytestmark = pytest.mark.real_model
 
-NEUTRAL_PROMPTS = [
-    "Tell me about your weekend plans.",
-    "What should I cook for dinner tonight?",
-    "Write a short story about a cat.",
-    "Give me some advice for a job interview.",
-    "How do I learn to play the guitar?",
-    "Describe your ideal house.",
-    "What is a good way to stay productive?",
-    "Explain how a bicycle works.",
-]
 
 
 @pytest.fixture(scope="module")
