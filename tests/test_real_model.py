@@ -103,3 +103,15 @@ def test_pairs_generate_cli(tmp_path, capsys):
     line = json.loads(out.read_text().splitlines()[0])
     assert line["generator"]["model"] == "SmolLM2-135M-Instruct.Q4_1"
     assert line["concept"] == "the ocean" and line["generator"]["seed"] == 0
+
+
+def test_compare_concept_mean_diff_beats_random(real_model):
+    """The embedding-judged comparison separates a real direction from the random control."""
+    from avec.evaluate.compare import CompareSettings, Task, compare
+
+    settings = CompareSettings(layer=14, methods=("mean_diff", "random"), n_pairs=(32,),
+                               seeds=1, coefs=(2.0, 4.0), kl_budget=10.0, max_new_tokens=24)
+    task = Task(prompts=NEUTRAL_PROMPTS[:4], concept="the ocean, the sea, waves and beaches")
+    res = compare(real_model, DEMO_PAIRS, task, settings, NEUTRAL_PROMPTS[:4])
+    effect = {r["method"]: r["best_effect"] for r in res.rows}
+    assert effect["mean_diff"] > effect["random"] + 0.1, effect

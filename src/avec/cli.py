@@ -188,12 +188,12 @@ def _load(args: argparse.Namespace) -> Any:
 
     t0 = time.perf_counter()
     model = load_model(args.model, block_path=args.block_path)
-    _log(args, f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) "
+    _log(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) "
                f"in {time.perf_counter() - t0:.1f} s")
     return model
 
 
-def _log(args: argparse.Namespace, msg: str) -> None:
+def _log(msg: str) -> None:
     print(msg, file=sys.stderr)
 
 
@@ -273,7 +273,7 @@ read as given, steered at every position), logit-diff (logit(A) - logit(B) after
 concept (greedy completions scored by keyword rate or embedding similarity to --concept)."""
 
 
-def _eval_inputs(args: argparse.Namespace, model: Any) -> dict[str, Any]:
+def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from avec.data import load_prompts
     from avec.evaluate.ab import load_ab_items
 
@@ -329,7 +329,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         layers = [0]  # unsteered: any layer, all coefficients are 0
     metric = {"mmlu": "ab", "logit-diff": "logit_diff"}.get(args.metric, args.metric)
     result = run_sweep(model, metric, vector, layers, coefs, progress=True,
-                       **_eval_inputs(args, model))
+                       **_eval_inputs(args))
     result.extra.update({"model": model.name, "metric_name": args.metric,
                          "vector": args.vector or args.pairs})
     files = result.write(args.output_dir, f"{args.metric} on {model.name}") \
@@ -475,7 +475,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     vec = extract(model, DEMO_PAIRS, [args.layer], progress=True)
     vec.metadata["source_pairs"] = "avec built-in demo pairs (ocean vs everyday topics)"
-    _log(args, f"extracted a mean-difference vector from {len(DEMO_PAIRS)} built-in pairs at "
+    _log(f"extracted a mean-difference vector from {len(DEMO_PAIRS)} built-in pairs at "
                f"layer {args.layer} in {time.perf_counter() - t0:.1f} s")
     out = vec.save(args.output)
     results = steered_completions(model, DEMO_PROMPTS, vec, [0.0, args.coef],
