@@ -157,3 +157,15 @@ def test_sweep_outputs(tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="needs --prompts"):
         run_sweep(tiny_llama, "kl", vec, [0], [1.0])
     assert parse_layers("4-10:3,14") == [4, 7, 10, 14] and parse_layers("5") == [5]
+
+
+def test_ppl_sweep_masks_actadd_positions(tiny_llama):
+    from avec.data import ContrastPair
+    from avec.extract import extract
+
+    vec = extract(tiny_llama, [ContrastPair("Love", "Hate")], [1], method="actadd")
+    texts = ["A reference text long enough to score."]
+    res = run_sweep(tiny_llama, "ppl", vec, [1], [0.0, 1.0], texts=texts)
+    assert res.extra["skip_positions"] == vec.shape[0]
+    want = perplexity(tiny_llama, texts, vec, 1, [0.0, 1.0], skip_positions=vec.shape[0])
+    assert res.values[0] == want

@@ -98,7 +98,11 @@ def run_sweep(model: Model, metric: str, vector: SteeringVector | None, layers: 
         per_layer = lambda L: kl_divergence(model, prompts, vector, L, coefs)  # noqa: E731
     elif metric == "ppl":
         _need(texts, "ppl", "--texts")
-        per_layer = lambda L: perplexity(model, texts, vector, L, coefs)  # noqa: E731
+        # an ActAdd block is injected at the first T positions: those do not count
+        skip = vector.shape[0] if vector is not None and len(vector.shape) == 2 else 0
+        extra["skip_positions"] = skip
+        per_layer = lambda L: perplexity(model, texts, vector, L, coefs,  # noqa: E731
+                                         skip_positions=skip)
     elif metric == "logit_diff":
         _need(prompts, "logit_diff", "--prompts")
         _need(token_pairs, "logit_diff", "--tokens A B")
