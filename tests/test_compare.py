@@ -57,3 +57,14 @@ def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
     norms = [float(v[2].norm()) for v in seen]
     assert len(norms) == 4 and all(abs(n - 5.0) < 1e-4 for n in norms)
     assert not torch.allclose(seen[0][2], seen[3][2])  # random differs from mean_diff
+
+
+def test_results_round_trip(tiny_llama, tmp_path):
+    from avec.evaluate.compare import load_result
+
+    settings = CompareSettings(layer=1, methods=("mean_diff",), n_pairs=(2,), seeds=1,
+                               coefs=(1.0,))
+    res = compare(tiny_llama, PAIRS, Task(items=ITEMS), settings, ["hi"])
+    files = write_outputs(res, tmp_path)
+    again = load_result(files["json"])
+    assert again.rows == json.loads(json.dumps(res.rows)) and again.summary() == res.summary()

@@ -179,6 +179,13 @@ def _effects(model: Model, task: Task, vectors: list[SteeringVector], layer: int
     return out
 
 
+def load_result(path: str | Path) -> CompareResult:
+    """Read a ``results.json`` back (to re-render plots and the report)."""
+    data = json.loads(Path(path).read_text())
+    data.pop("summary", None)
+    return CompareResult(**data)
+
+
 def _png_b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode()
 
@@ -196,12 +203,14 @@ def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, str]:
     (out / "results.json").write_text(json.dumps(
         {**asdict(result), "summary": summary}, indent=2))
     label = "A/B p(match) rise" if result.task["kind"] == "ab" else "concept score rise"
+    methods = list(dict.fromkeys(r["method"] for r in result.rows))
+    color = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in both plots
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in dict.fromkeys(s["method"] for s in summary):
+    for method in methods:
         rows = [s for s in summary if s["method"] == method]
         xs = [s["n_pairs"] for s in rows]
         ax.errorbar(xs, [s["effect_mean"] for s in rows], yerr=[s["effect_std"] for s in rows],
-                    marker="o", capsize=3, label=method)
+                    marker="o", capsize=3, label=method, color=color[method])
     ax.set_xscale("log")
     ax.set_xlabel("number of contrast pairs")
     ax.set_ylabel(f"best {label} (KL <= {result.settings['kl_budget']:g})")
@@ -213,12 +222,14 @@ def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, str]:
     fig.savefig(out / "effect_vs_pairs.png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for method in dict.fromkeys(r["method"] for r in result.rows):
+    for method in methods:
         pts = [(k, e - result.baseline) for r in result.rows if r["method"] == method
                for k, e in zip(r["kl"], r["effects"])]
-        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.6, label=method)
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=12, alpha=0.6, label=method,
+                   color=color[method])
     ax.axvline(result.settings["kl_budget"], color="red", lw=0.8, ls="--", label="KL budget")
     ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlim(left=0)
     ax.set_xlabel("KL on neutral prompts")
     ax.set_ylabel(label)
     ax.legend()
