@@ -150,6 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kl-prompts", help="neutral prompts for KL (default: 8 built-in prompts)")
     p.add_argument("--norm", type=float, help="common norm (default: pool mean-diff norm)")
     p.add_argument("--limit", type=int, help="use only the first N test items / prompts")
+    p.add_argument("--pool", type=int, help="use only the first N pairs of --pairs as the pool")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
     p.add_argument("--output-dir", "-o", required=True)
@@ -392,7 +393,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     from avec.evaluate.compare import CompareSettings, Task, compare, write_outputs
 
     is_ab = Path(args.pairs).suffix == ".json"
-    pairs = load_pairs(args.pairs)
+    pairs = load_pairs(args.pairs)[: args.pool]
     lim = slice(None, args.limit)
     keywords = [k.strip() for k in (args.keywords or "").split(",") if k.strip()]
     if args.data:
