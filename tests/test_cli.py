@@ -161,3 +161,46 @@ def test_compare_command(capsys, tmp_path, model_dir):
     code, _, err = run(capsys, "compare", "--model", str(model_dir), "--pairs", str(pairs),
                        "--prompts", str(prompts), "--layer", "1", "-o", str(tmp_path / "x"))
     assert code == 2 and "--concept and/or --keywords" in err
+
+
+def test_compare_concept_only_makes_a_synthetic_pool(capsys, tmp_path, model_dir, monkeypatch):
+    """`avec compare --concept X` alone: the model writes the pool, which is saved and recorded,
+    and the built-in everyday prompts are generated from at the default layer."""
+    import avec.data.synthetic as synthetic
+    from avec.data.demo import CONCEPT_PROMPTS
+
+    calls = []
+
+    def fake_generate(model, concept, n, *, seed, progress):
+        calls.append((concept, n, seed))
+        return [synthetic.GeneratedPair(ContrastPair(f"The sea {i} is deep.", f"A desk {i}."),
+                                        synthetic.TEMPLATES[0], "The", "a desk")
+                for i in range(5)]
+
+    monkeypatch.setattr(synthetic, "generate_pairs", fake_generate)
+    out_dir = tmp_path / "cmp"
+    code, out, err = run(capsys, "compare", "--model", str(model_dir), "--concept", "the sea",
+                         "--synthetic-pairs", "8", "--seed", "4", "--n-pairs", "1,3,32",
+                         "--seeds", "1", "--coefs", "2", "--methods", "mean_diff,random",
+                         "--max-new-tokens", "4", "-o", str(out_dir), "--json")
+    assert code == 0, err
+    assert calls == [("the sea", 8, 4)] and "only 5 of 8" in err
+    saved = [json.loads(line) for line in (out_dir / "pairs.jsonl").read_text().splitlines()]
+    assert len(saved) == 5 and saved[0]["concept"] == "the sea"
+    assert saved[0]["generator"]["seed"] == 4 and saved[0]["generator"]["model"]
+    res = json.loads(out)
+    assert res["layer"] == 4 * 7 // 15  # tiny model: 4 blocks
+    assert {s["n_pairs"] for s in res["summary"]} == {1, 3}  # 32 > pool of 5: skipped
+    full = json.loads((out_dir / "results.json").read_text())
+    assert full["task"]["n_prompts"] == len(CONCEPT_PROMPTS)
+    assert full["task"]["pairs_source"].startswith("synthetic: ")
+    assert full["model"]["n_layers"] == 4 and full["avec_version"]
+    assert "synthetic: " in (out_dir / "report.html").read_text()
+
+
+def test_compare_argument_errors(capsys, tmp_path, model_dir):
+    code, _, err = run(capsys, "compare", "--model", str(model_dir), "-o", str(tmp_path))
+    assert code == 2 and "--pairs FILE, or --concept TEXT" in err
+    code, _, err = run(capsys, "compare", "--model", str(model_dir), "--concept", "x",
+                       "--data", str(tmp_path / "ab.json"), "-o", str(tmp_path))
+    assert code == 2 and "--data (A/B items) needs --pairs" in err

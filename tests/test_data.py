@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from avec.data import (ContrastPair, load_ab_pairs, load_jsonl_pairs, load_pairs, load_prompts,
                        pair_texts, save_jsonl_pairs)
@@ -134,3 +135,28 @@ def test_synthetic_cleaning():
     assert not acceptable("I'm sorry, I cannot write that.")
     assert not acceptable("Here is a sentence about the sea.")
     assert not acceptable("The sea is wide and deep")  # unfinished
+
+
+def test_sentence_end_stops_a_row_after_its_first_sentence(tiny_llama):
+    """The stopping criterion of synthetic pair generation: an end mark then white space."""
+    from avec.data.synthetic import SentenceEnd
+
+    tok = tiny_llama.tokenizer
+    prompt = tok("Q:", add_special_tokens=False)["input_ids"]
+    rows = [prompt + tok(t, add_special_tokens=False)["input_ids"]
+            for t in ("Hi. Then", "Hi.Then!", "3.5 and.", "Why? ok!")]  # 8 bytes each
+    stop = SentenceEnd(tiny_llama, len(prompt))
+    done = stop(torch.tensor(rows), None)
+    assert done.tolist() == [True, False, False, True]
+    assert not stop(torch.tensor([prompt + rows[0][len(prompt):][:1]]), None).any()
+
+
+def test_generate_pairs_is_seeded(tiny_llama, monkeypatch):
+    """Same seed, same pairs; another seed, other pairs (filtering relaxed: a random model)."""
+    import avec.data.synthetic as synthetic
+
+    monkeypatch.setattr(synthetic, "acceptable", lambda sentence: bool(sentence))
+    run = lambda seed: [g.pair for g in synthetic.generate_pairs(  # noqa: E731
+        tiny_llama, "the sea", 3, seed=seed, max_new_tokens=6, batch_size=4)]
+    first = run(1)
+    assert len(first) == 3 and first == run(1) and first != run(2)

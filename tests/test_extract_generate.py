@@ -8,7 +8,7 @@ import torch
 from avec.activations import read_activations
 from avec.data import ContrastPair
 from avec.extract import extract
-from avec.generation import generate_ids, steered_completions
+from avec.generation import generate_ids, steered_completions, variant_completions
 from avec.methods import MeanDiff, get_method
 from avec.steer import steer
 
@@ -57,6 +57,20 @@ def test_generation_coef_zero_is_unsteered(tiny_any):
     assert [r.text for r in plain] == [r.text for r in mixed if r.coef == 0.0]
     assert [(r.prompt, r.coef) for r in mixed] == [(p, c) for p in prompts for c in (0.0, 1.0)]
     assert any(a.text != b.text for a, b in zip(plain, [r for r in mixed if r.coef == 1.0]))
+
+
+def test_variant_completions_mix_vectors_in_one_batch(tiny_llama):
+    """Rows steered by different vectors share a batch; each equals that vector run alone."""
+    a = extract(tiny_llama, PAIRS, [1]) * 30
+    b = extract(tiny_llama, list(reversed(PAIRS)), [2], method="random", seed=3) * 30
+    block = extract(tiny_llama, PAIRS[:1], [1], method="actadd") * 30  # [T, d], positional
+    prompts = ["Tell me a story", "hi there"]
+    variants = [(a, 1.0), (None, 0.0), (b, -1.0), (a, 0.0), (b, 2.0), (block, 1.0)]
+    mixed = variant_completions(tiny_llama, prompts, variants, max_new_tokens=8)
+    alone = [[c.text for c in steered_completions(tiny_llama, prompts, v, [c],
+                                                  max_new_tokens=8)] for v, c in variants]
+    assert mixed == alone
+    assert mixed[1] == mixed[3] and mixed[0] != mixed[1]  # coef 0 is the shared unsteered row
 
 
 def test_batched_generation_equals_unbatched(tiny_llama):

@@ -133,16 +133,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Compare direction-finding methods at equal norm: for every "
                        "method, number of pairs and seed, the best effect whose KL on neutral "
                        "prompts stays within the budget. Writes results.json, two plots and "
-                       "report.html.")
-    p.add_argument("--pairs", required=True, help="pool of contrast pairs (.jsonl or A/B .json)")
-    target = p.add_mutually_exclusive_group(required=True)
+                       "report.html. The shortest form, `avec compare --concept TEXT -o DIR`, "
+                       "has the model write synthetic pairs for the concept and scores greedy "
+                       "completions of built-in everyday prompts with the embedding judge.")
+    p.add_argument("--pairs", help="pool of contrast pairs (.jsonl or A/B .json); without it, "
+                   "--concept pairs are generated (`avec pairs generate`) into DIR/pairs.jsonl")
+    target = p.add_mutually_exclusive_group()
     target.add_argument("--data", help="A/B test items (.json): the effect is p(match)")
-    target.add_argument("--prompts", help="prompts to generate from: the effect is a concept score")
+    target.add_argument("--prompts", help="prompts to generate from: the effect is a concept "
+                        "score (default: 8 built-in everyday prompts)")
     p.add_argument("--concept", help="concept description for the embedding judge")
     p.add_argument("--keywords", help="comma-separated keywords (keyword rate, if no --concept)")
-    p.add_argument("--layer", type=int, required=True)
+    p.add_argument("--layer", type=int, default=None,
+                   help="block whose output is read and steered (default: 7/15 of the depth, "
+                        "14 on the default model)")
     p.add_argument("--methods", default=",".join(["mean_diff", "pca", "probe", "actadd", "random"]))
-    p.add_argument("--n-pairs", default="1,3,8,32,128,256")
+    p.add_argument("--n-pairs", default="1,3,8,32,128,256",
+                   help="pair counts (values above the pool size are skipped)")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--coefs", default="0.5,1,2,4,8",
                    help="multipliers of the common-norm direction")
@@ -151,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--norm", type=float, help="common norm (default: pool mean-diff norm)")
     p.add_argument("--limit", type=int, help="use only the first N test items / prompts")
     p.add_argument("--pool", type=int, help="use only the first N pairs of --pairs as the pool")
+    p.add_argument("--synthetic-pairs", type=int, default=64,
+                   help="pairs to generate when --pairs is not given (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="seed of synthetic pair generation")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
     p.add_argument("--output-dir", "-o", required=True)
@@ -388,38 +398,51 @@ def cmd_top_examples(args: argparse.Namespace) -> int:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     from avec.data import load_pairs, load_prompts
-    from avec.data.demo import NEUTRAL_PROMPTS
+    from avec.data.demo import CONCEPT_PROMPTS, NEUTRAL_PROMPTS
     from avec.evaluate.ab import load_ab_items
-    from avec.evaluate.compare import CompareSettings, Task, compare, write_outputs
+    from avec.evaluate.compare import CompareSettings, Task, compare, default_layer, write_outputs
 
-    is_ab = Path(args.pairs).suffix == ".json"
-    pairs = load_pairs(args.pairs)[: args.pool]
-    lim = slice(None, args.limit)
+    if args.pairs is None and not args.concept:
+        raise ValueError("give --pairs FILE, or --concept TEXT to have the model write synthetic "
+                         "pairs for it")
+    if args.data and args.pairs is None:
+        raise ValueError("--data (A/B items) needs --pairs: the A/B pool to build vectors from")
     keywords = [k.strip() for k in (args.keywords or "").split(",") if k.strip()]
+    if not args.data and not args.concept and not keywords:
+        raise ValueError("a concept comparison needs --concept and/or --keywords")
+    lim = slice(None, args.limit)
+    pairs = load_pairs(args.pairs)[: args.pool] if args.pairs else None
     if args.data:
         task = Task(items=load_ab_items(args.data)[lim], name=args.name)
     else:
-        if not args.concept and not keywords:
-            raise ValueError("--prompts needs --concept and/or --keywords")
-        task = Task(prompts=load_prompts(args.prompts)[lim], concept=args.concept or "",
-                    keywords=keywords, name=args.name or args.concept or "")
+        prompts = load_prompts(args.prompts) if args.prompts else CONCEPT_PROMPTS
+        task = Task(prompts=list(prompts)[lim], concept=args.concept or "", keywords=keywords,
+                    name=args.name or args.concept or "")
+    kl_prompts = load_prompts(args.kl_prompts) if args.kl_prompts else NEUTRAL_PROMPTS
+    model = _load(args)
+    out_dir = Path(args.output_dir)
+    if pairs is None:
+        pairs, task.pairs_source = _synthetic_pool(model, args, out_dir)
+    else:
+        task.pairs_source = args.pairs
+    is_ab = args.pairs is not None and Path(args.pairs).suffix == ".json"
     settings = CompareSettings(
-        layer=args.layer, methods=[m.strip() for m in args.methods.split(",")],
+        layer=default_layer(model) if args.layer is None else args.layer,
+        methods=[m.strip() for m in args.methods.split(",")],
         n_pairs=[int(x) for x in args.n_pairs.split(",")], seeds=args.seeds,
         coefs=[float(x) for x in args.coefs.split(",")], kl_budget=args.kl_budget,
         norm=args.norm, chat=is_ab, position="ab_letter" if is_ab else "last",
         max_new_tokens=args.max_new_tokens)
-    kl_prompts = load_prompts(args.kl_prompts) if args.kl_prompts else NEUTRAL_PROMPTS
-    model = _load(args)
     result = compare(model, pairs, task, settings, kl_prompts, progress=True)
-    files = write_outputs(result, args.output_dir)
+    files = write_outputs(result, out_dir)
     summary = result.summary()
     if args.json:
         _emit_json({"baseline": result.baseline, "common_norm": result.common_norm,
-                    "summary": summary, "files": files})
+                    "layer": settings.layer, "summary": summary, "files": files})
         return 0
-    print(f"baseline {result.baseline:.4f}; common norm {result.common_norm:.3f}; "
-          f"best effect within KL <= {args.kl_budget:g} (mean ± sd over {args.seeds} seeds)")
+    print(f"layer {settings.layer}; baseline {result.baseline:.4f}; common norm "
+          f"{result.common_norm:.3f}; best effect within KL <= {args.kl_budget:g} "
+          f"(mean ± sd over {args.seeds} seeds)")
     ns = sorted({x["n_pairs"] for x in summary})
     print("method".ljust(10) + "".join(f"{n:>18}" for n in ns))
     for m in dict.fromkeys(x["method"] for x in summary):
@@ -432,6 +455,32 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthetic_pool(model: Any, args: argparse.Namespace, out_dir: Path) -> tuple[list[Any], str]:
+    """Pairs for ``--concept`` written by the model itself, saved to DIR/pairs.jsonl."""
+    from avec.data.synthetic import generate_pairs, save_generated
+
+    _log(f"no --pairs: {model.name} writes {args.synthetic_pairs} synthetic pairs for "
+         f"{args.concept!r} (seed {args.seed})")
+    made = generate_pairs(model, args.concept, args.synthetic_pairs, seed=args.seed,
+                          progress=True)
+    if not made:
+        raise ValueError(f"{model.name} produced no acceptable pairs for {args.concept!r}; "
+                         f"pass --pairs FILE or use a stronger --model")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "pairs.jsonl"
+    save_generated(made, path, args.concept, _generator_info(model, args.seed, 0.8))
+    if len(made) < args.synthetic_pairs:
+        _log(f"warning: only {len(made)} of {args.synthetic_pairs} synthetic pairs were usable")
+    _log(f"wrote {len(made)} pairs to {path}")
+    return [g.pair for g in made], f"synthetic: {path} ({len(made)} pairs by {model.name}, " \
+                                   f"seed {args.seed})"
+
+
+def _generator_info(model: Any, seed: int, temperature: float) -> dict[str, Any]:
+    return {"model": model.name, "source": model.source, "seed": seed,
+            "temperature": temperature}
+
+
 def cmd_pairs(args: argparse.Namespace) -> int:
     from avec.data.synthetic import generate_pairs, save_generated
 
@@ -442,8 +491,7 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     if not pairs:
         raise ValueError(f"{model.name} produced no acceptable pairs for {args.concept!r}; "
                          f"raise --max-attempts or use a stronger --model")
-    generator = {"model": model.name, "source": model.source, "seed": args.seed,
-                 "temperature": args.temperature}
+    generator = _generator_info(model, args.seed, args.temperature)
     save_generated(pairs, args.output, args.concept, generator)
     info = {"output": args.output, "pairs": len(pairs), "requested": args.n,
             "generator": generator}

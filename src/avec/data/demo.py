@@ -111,3 +111,16 @@ NEUTRAL_PROMPTS: list[str] = [
     "What is a good way to stay productive?",
     "Explain how a bicycle works.",
 ]
+
+# Everyday prompts whose greedy completions a concept comparison scores (disjoint from the KL
+# prompts above, so the side effect is not measured on the prompts being steered).
+CONCEPT_PROMPTS: list[str] = [
+    "What did you do yesterday?",
+    "Can you recommend a good book?",
+    "How do I fix a leaky faucet?",
+    "Tell me about the history of Rome.",
+    "What's the best way to learn a language?",
+    "Describe a day at the office.",
+    "How does photosynthesis work?",
+    "What are some fun hobbies?",
+]

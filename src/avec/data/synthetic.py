@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from avec.data.pairs import ContrastPair
@@ -41,6 +42,30 @@ NEUTRAL_TOPICS = (
     "a calendar", "an elevator", "a stapler", "a desk lamp", "a train station",
 )
 REFUSALS = ("i'm sorry", "i am sorry", "as an ai", "i cannot", "i can't", "sentence")
+
+
+class SentenceEnd:
+    """Stopping criterion: a row is done once it has finished its first sentence (a token that
+    ends in ``.``, ``!`` or ``?`` followed by a token that starts with white space), so a batch
+    of one-sentence answers stops long before ``max_new_tokens``."""
+
+    def __init__(self, model: Model, prompt_len: int) -> None:
+        tok = model.tokenizer
+        size = max(len(tok), int(getattr(model.hf.config, "vocab_size", 0) or 0))
+        texts = tok.batch_decode([[i] for i in range(len(tok))])
+        self.ends = torch.zeros(size, dtype=torch.bool)
+        self.space = torch.zeros(size, dtype=torch.bool)
+        for i, t in enumerate(texts):
+            self.ends[i] = t.rstrip()[-1:] in (".", "!", "?")
+            self.space[i] = t[:1].isspace()
+        self.prompt_len = prompt_len
+
+    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
+        new = input_ids[:, self.prompt_len:].cpu()
+        if new.shape[1] < 2:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = (self.ends[new[:, :-1]] & self.space[new[:, 1:]]).any(-1)
+        return done.to(input_ids.device)
 
 
 @dataclass(frozen=True)
@@ -77,14 +102,18 @@ def generate_pairs(model: Model, concept: str, n: int, *, seed: int = 0,
     kept: list[GeneratedPair] = []
     seen: set[str] = set()
     bar = tqdm(total=n, desc="pairs", disable=not progress, leave=False)
+    stop: SentenceEnd | None = None
     for start in range(0, attempts, batch_size):
         jobs = [(rng.choice(TEMPLATES), rng.choice(OPENERS), rng.choice(NEUTRAL_TOPICS))
                 for _ in range(min(batch_size, attempts - start))]
         prompts = [t.format(topic=concept, opener=o) for t, o, _u in jobs]
         prompts += [t.format(topic=u, opener=o) for t, o, u in jobs]
         ids = [format_prompt(model, p)[0] for p in prompts]
+        if stop is None:
+            stop = SentenceEnd(model, 0)
+        stop.prompt_len = max(len(x) for x in ids)  # generate_ids left-pads to the longest
         outs = generate_ids(model, ids, max_new_tokens, temperature=temperature,
-                            seed=seed * 1_000_003 + start)
+                            seed=seed * 1_000_003 + start, stopping_criteria=[stop])
         texts = [first_sentence(model.tokenizer.decode(o, skip_special_tokens=True)) for o in outs]
         for k, (template, opener, topic) in enumerate(jobs):
             pos, neg = texts[k], texts[k + len(jobs)]

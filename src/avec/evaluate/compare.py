@@ -25,6 +25,7 @@ from typing import Any, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from avec._version import __version__
 from avec.activations import read_activations
 from avec.data.pairs import ContrastPair
 from avec.data.templates import pair_texts
@@ -32,7 +33,7 @@ from avec.evaluate.ab import ABItem, ab_variants
 from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
 from avec.evaluate.side_effects import kl_divergence
 from avec.extract import extract_actadd
-from avec.generation import steered_completions
+from avec.generation import variant_completions
 from avec.methods import get_method
 from avec.models.model import Model
 from avec.vector import SteeringVector
@@ -63,6 +64,7 @@ class Task:
     concept: str = ""
     keywords: Sequence[str] = ()
     name: str = ""
+    pairs_source: str = ""  # where the pool of pairs came from (file, or synthetic + generator)
 
     @property
     def kind(self) -> str:
@@ -76,6 +78,8 @@ class CompareResult:
     baseline: float
     common_norm: float
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per (method, n, seed)
+    model: dict[str, Any] = field(default_factory=dict)  # identity of the model compared on
+    avec_version: str = ""
 
     def summary(self) -> list[dict[str, Any]]:
         cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -100,6 +104,12 @@ def _scaled(direction: torch.Tensor, norm: float) -> torch.Tensor:
     if current == 0:
         raise ValueError("a method returned the zero direction; it cannot be scaled")
     return direction * (norm / current)
+
+
+def default_layer(model: Model) -> int:
+    """7/15 of the depth, mid-network (14 of 30 blocks on the default model, the layer of
+    ``avec demo``)."""
+    return model.n_layers * 7 // 15
 
 
 def _subset(pool: int, n: int, seed: int) -> list[int]:
@@ -145,8 +155,10 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                            task={"kind": task.kind, "name": task.name, "n_items": len(task.items),
                                  "n_prompts": len(task.prompts), "concept": task.concept,
                                  "keywords": list(task.keywords), "pool_pairs": pool,
+                                 "pairs_source": task.pairs_source,
                                  "kl_prompts": len(kl_prompts)},
-                           baseline=baseline, common_norm=common)
+                           baseline=baseline, common_norm=common, model=model.identity(),
+                           avec_version=__version__)
     for cell, vec, eff in tqdm(list(zip(cells, vectors, effects)), desc="KL", disable=not progress,
                                leave=False):
         kls = kl_divergence(model, kl_prompts, vec, layer, coefs)
@@ -166,17 +178,18 @@ def _effects(model: Model, task: Task, vectors: list[SteeringVector], layer: int
     if not task.prompts or not (task.concept or task.keywords):
         raise ValueError("a concept comparison needs prompts and a concept or keywords")
     judge = EmbeddingJudge() if task.concept else None
-    out = []
-    for vec in tqdm(vectors, desc="concept", disable=not progress, leave=False):
-        comps = steered_completions(model, task.prompts, vec, coefs,
-                                    max_new_tokens=settings.max_new_tokens)
-        row = []
-        for c in coefs:
-            texts = [x.text for x in comps if x.coef == c]
-            row.append(sum(judge.scores(texts, task.concept)) / len(texts) if judge
-                       else keyword_rate(texts, task.keywords))
-        out.append(row)
-    return out
+    variants = [(vec, c) for vec in vectors for c in coefs]
+    texts = variant_completions(model, task.prompts, variants,
+                                max_new_tokens=settings.max_new_tokens, progress=progress)
+    scores = []
+    if judge is not None:
+        flat = judge.scores([t for row in texts for t in row], task.concept)
+        for k in range(len(variants)):
+            chunk = flat[k * len(task.prompts):(k + 1) * len(task.prompts)]
+            scores.append(sum(chunk) / len(chunk))
+    else:
+        scores = [keyword_rate(row, task.keywords) for row in texts]
+    return [scores[k * len(coefs):(k + 1) * len(coefs)] for k in range(len(vectors))]
 
 
 def load_result(path: str | Path) -> CompareResult:
@@ -259,15 +272,21 @@ def render_report(result: CompareResult, summary: list[dict[str, Any]], out: Pat
     what = ("A/B p(matching behaviour) (CAA protocol)" if t["kind"] == "ab" else
             (f"embedding similarity of greedy completions to “{html.escape(t['concept'])}”"
              if t["concept"] else f"keyword rate ({html.escape(', '.join(t['keywords']))})"))
+    norm_src = ("given" if s.get("norm") else
+                f"the norm of the mean-difference vector of all {t['pool_pairs']} pairs")
+    source = f" from {html.escape(t['pairs_source'])}" if t.get("pairs_source") else ""
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>avec compare</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:62em;line-height:1.45}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.35em .6em;
 text-align:center}}small{{color:#666}}img{{max-width:100%}}</style></head><body>
 <h1>Steering methods compared: {html.escape(t['name'] or t['kind'])}</h1>
+<p>Model: {html.escape(str(result.model.get('name', '?')))} ({result.model.get('n_layers', '?')}
+layers, d_model {result.model.get('d_model', '?')}); avec {html.escape(result.avec_version or '?')}.
+</p>
 <p>Effect: rise of {what} over the unsteered model (baseline {result.baseline:.3f}), at the best
 coefficient whose KL divergence on {t['kl_prompts']} neutral prompts stays within
 {s['kl_budget']:g}. Layer {s['layer']}; every direction scaled to the same norm
-({result.common_norm:.2f}, the mean-difference vector of all {t['pool_pairs']} pairs);
+({result.common_norm:.2f}, {norm_src}); pool: {t['pool_pairs']} pairs{source};
 coefficients {', '.join(f'{c:g}' for c in s['coefs'])}; {s['seeds']} seeds, each seed the same pair
 subset for every method; ActAdd uses one pair, injected at the front positions.</p>
 <table><tr><th>method \\ pairs</th>{head}</tr>{body}</table>
