@@ -171,7 +171,8 @@ def test_compare_concept_only_makes_a_synthetic_pool(capsys, tmp_path, model_dir
 
     calls = []
 
-    def fake_generate(model, concept, n, *, seed, progress):
+    def fake_generate(model, concept, n, *, contrast, seed, progress):
+        assert contrast is None
         calls.append((concept, n, seed))
         return [synthetic.GeneratedPair(ContrastPair(f"The sea {i} is deep.", f"A desk {i}."),
                                         synthetic.TEMPLATES[0], "The", "a desk")

@@ -160,3 +160,8 @@ def test_generate_pairs_is_seeded(tiny_llama, monkeypatch):
         tiny_llama, "the sea", 3, seed=seed, max_new_tokens=6, batch_size=4)]
     first = run(1)
     assert len(first) == 3 and first == run(1) and first != run(2)
+    toned = synthetic.generate_pairs(tiny_llama, "love", 2, contrast="hatred", max_new_tokens=6,
+                                     batch_size=4)
+    assert {g.negative_topic for g in toned} == {"hatred"}
+    with pytest.raises(ValueError, match="contrast concept must not be empty"):
+        synthetic.generate_pairs(tiny_llama, "love", 2, contrast=" ")

@@ -160,7 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pool", type=int, help="use only the first N pairs of --pairs as the pool")
     p.add_argument("--synthetic-pairs", type=int, default=64,
                    help="pairs to generate when --pairs is not given (default 64)")
+    p.add_argument("--contrast", help="with synthetic pairs: negatives about this opposite "
+                   "concept instead of neutral topics (see `avec pairs generate --contrast`)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic pair generation")
+    p.add_argument("--position", type=_position, default=None,
+                   help="token read for the directions: last (default), mean or an int index "
+                        "(ab_letter for A/B pools)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
     p.add_argument("--output-dir", "-o", required=True)
@@ -172,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Sample sentences about the concept and about neutral topics "
                         "from the same templates; drop malformed and duplicate outputs.")
     g.add_argument("--concept", required=True, help='e.g. "the ocean"')
+    g.add_argument("--contrast", help='negatives about this opposite concept (e.g. "hatred and '
+                   'anger" for --concept "love and kindness") instead of neutral topics')
     g.add_argument("-n", type=int, default=32, help="number of pairs")
     g.add_argument("-o", "--output", required=True, help="output .jsonl")
     g.add_argument("--seed", type=int, default=0)
@@ -431,7 +438,8 @@ def cmd_compare(args: argparse.Namespace) -> int:
         methods=[m.strip() for m in args.methods.split(",")],
         n_pairs=[int(x) for x in args.n_pairs.split(",")], seeds=args.seeds,
         coefs=[float(x) for x in args.coefs.split(",")], kl_budget=args.kl_budget,
-        norm=args.norm, chat=is_ab, position="ab_letter" if is_ab else "last",
+        norm=args.norm, chat=is_ab,
+        position=args.position or ("ab_letter" if is_ab else "last"),
         max_new_tokens=args.max_new_tokens)
     result = compare(model, pairs, task, settings, kl_prompts, progress=True)
     files = write_outputs(result, out_dir)
@@ -461,14 +469,15 @@ def _synthetic_pool(model: Any, args: argparse.Namespace, out_dir: Path) -> tupl
 
     _log(f"no --pairs: {model.name} writes {args.synthetic_pairs} synthetic pairs for "
          f"{args.concept!r} (seed {args.seed})")
-    made = generate_pairs(model, args.concept, args.synthetic_pairs, seed=args.seed,
-                          progress=True)
+    made = generate_pairs(model, args.concept, args.synthetic_pairs, contrast=args.contrast,
+                          seed=args.seed, progress=True)
     if not made:
         raise ValueError(f"{model.name} produced no acceptable pairs for {args.concept!r}; "
                          f"pass --pairs FILE or use a stronger --model")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "pairs.jsonl"
-    save_generated(made, path, args.concept, _generator_info(model, args.seed, 0.8))
+    save_generated(made, path, args.concept, _generator_info(model, args.seed, 0.8),
+                   args.contrast)
     if len(made) < args.synthetic_pairs:
         _log(f"warning: only {len(made)} of {args.synthetic_pairs} synthetic pairs were usable")
     _log(f"wrote {len(made)} pairs to {path}")
@@ -485,14 +494,14 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     from avec.data.synthetic import generate_pairs, save_generated
 
     model = _load(args)
-    pairs = generate_pairs(model, args.concept, args.n, seed=args.seed,
+    pairs = generate_pairs(model, args.concept, args.n, contrast=args.contrast, seed=args.seed,
                            temperature=args.temperature, max_attempts=args.max_attempts,
                            progress=True)
     if not pairs:
         raise ValueError(f"{model.name} produced no acceptable pairs for {args.concept!r}; "
                          f"raise --max-attempts or use a stronger --model")
     generator = _generator_info(model, args.seed, args.temperature)
-    save_generated(pairs, args.output, args.concept, generator)
+    save_generated(pairs, args.output, args.concept, generator, args.contrast)
     info = {"output": args.output, "pairs": len(pairs), "requested": args.n,
             "generator": generator}
     if args.json:

@@ -1,12 +1,12 @@
 """Synthetic contrast pairs: an instruct model writes matched sentences for a concept.
 
 Each pair comes from one template and one suggested opening word: the positive is the model's
-sentence about the concept, the negative its sentence about a neutral everyday topic from the
-same template and opening, so the pair differs mainly in the concept (small models do not
-always follow the opening word; that is not required). Sampling is seeded. Outputs
-are cut to their first sentence; empty, too short or too long sentences, refusals, sentences
-that echo the instruction, and duplicates are dropped. Every line of the output file records the
-model that wrote it.
+sentence about the concept, the negative its sentence about a neutral everyday topic (or about a
+contrast concept, for behaviours such as tone) from the same template and opening, so the pair
+differs mainly in the concept (small models do not always follow the opening word; that is not
+required). Sampling is seeded. Outputs are cut to their first sentence; empty, too short or too
+long sentences, refusals, sentences that echo the instruction, and duplicates are dropped. Every
+line of the output file records the model that wrote it.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class GeneratedPair:
     pair: ContrastPair
     template: str
     opener: str
-    neutral_topic: str
+    negative_topic: str  # a neutral everyday topic, or the contrast concept
 
 
 def first_sentence(text: str) -> str:
@@ -89,12 +89,20 @@ def acceptable(sentence: str) -> bool:
     return 4 <= len(words) <= 60 and sentence[-1:] in ".!?" and not any(r in low for r in REFUSALS)
 
 
-def generate_pairs(model: Model, concept: str, n: int, *, seed: int = 0,
-                   temperature: float = 0.8, max_new_tokens: int = 48, batch_size: int = 16,
-                   max_attempts: int | None = None, progress: bool = False) -> list[GeneratedPair]:
-    """Up to ``n`` pairs for ``concept``; stops after ``max_attempts`` candidates (default 4n)."""
+def generate_pairs(model: Model, concept: str, n: int, *, contrast: str | None = None,
+                   seed: int = 0, temperature: float = 0.8, max_new_tokens: int = 48,
+                   batch_size: int = 16, max_attempts: int | None = None,
+                   progress: bool = False) -> list[GeneratedPair]:
+    """Up to ``n`` pairs for ``concept``; stops after ``max_attempts`` candidates (default 4n).
+
+    The negative of a pair is about a random neutral everyday topic, or about ``contrast`` when
+    given (an opposite concept: "hatred and anger" against "love and kindness"), written from
+    the same template and opening.
+    """
     if not concept.strip():
         raise ValueError("the concept must not be empty")
+    if contrast is not None and not contrast.strip():
+        raise ValueError("the contrast concept must not be empty")
     if n < 1:
         raise ValueError("n must be >= 1")
     rng = random.Random(seed)
@@ -104,7 +112,8 @@ def generate_pairs(model: Model, concept: str, n: int, *, seed: int = 0,
     bar = tqdm(total=n, desc="pairs", disable=not progress, leave=False)
     stop: SentenceEnd | None = None
     for start in range(0, attempts, batch_size):
-        jobs = [(rng.choice(TEMPLATES), rng.choice(OPENERS), rng.choice(NEUTRAL_TOPICS))
+        jobs = [(rng.choice(TEMPLATES), rng.choice(OPENERS),
+                 contrast if contrast is not None else rng.choice(NEUTRAL_TOPICS))
                 for _ in range(min(batch_size, attempts - start))]
         prompts = [t.format(topic=concept, opener=o) for t, o, _u in jobs]
         prompts += [t.format(topic=u, opener=o) for t, o, u in jobs]
@@ -131,11 +140,13 @@ def generate_pairs(model: Model, concept: str, n: int, *, seed: int = 0,
 
 
 def save_generated(pairs: list[GeneratedPair], path: str | Path, concept: str,
-                   generator: dict[str, Any]) -> None:
+                   generator: dict[str, Any], contrast: str | None = None) -> None:
     """JSON lines readable by ``load_pairs``; each line also records concept and generator."""
     with open(path, "w", encoding="utf-8") as fh:
         for g in pairs:
             fh.write(json.dumps({"positive": g.pair.positive, "negative": g.pair.negative,
                                  "concept": concept, "template": g.template, "opener": g.opener,
-                                 "neutral_topic": g.neutral_topic, "generator": generator},
+                                 "negative_topic": g.negative_topic,
+                                 **({"contrast": contrast} if contrast is not None else {}),
+                                 "generator": generator},
                                 ensure_ascii=False) + "\n")
