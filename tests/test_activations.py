@@ -37,12 +37,20 @@ def test_batched_equals_unbatched(tiny_any, position):
             torch.testing.assert_close(batched[L][i], single[L][0], rtol=1e-4, atol=1e-5)
 
 
+def test_mean_of_a_one_token_text_is_that_token(tiny_llama):
+    ids = tiny_llama.encode(["a"])[0]
+    assert len(ids) == 1
+    got = read_activations(tiny_llama, ["a"], [1], position="mean")[1][0]
+    torch.testing.assert_close(got, hidden_states(tiny_llama, "a")[2][0, 0], rtol=1e-4,
+                               atol=1e-5)
+
+
 def test_positions_match_hidden_states(tiny_llama):
     text = TEXTS[2]
     hs = hidden_states(tiny_llama, text)[2][0]  # output of block 1
     got = {p: read_activations(tiny_llama, [text], [1], position=p)[1][0]
            for p in ("mean", 0, 3, -3)}
-    torch.testing.assert_close(got["mean"], hs.mean(0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got["mean"], hs[1:].mean(0), rtol=1e-4, atol=1e-5)  # no sink
     torch.testing.assert_close(got[0], hs[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[3], hs[3], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(got[-3], hs[-3], rtol=1e-4, atol=1e-5)

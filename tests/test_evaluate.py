@@ -11,7 +11,8 @@ import torch
 from avec.errors import DataError
 from avec.evaluate.ab import ABItem, ab_sweep, letter_token, load_ab_items, split_prompt
 from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
-from avec.evaluate.side_effects import kl_divergence, logit_difference, perplexity
+from avec.evaluate.side_effects import (kl_divergence, logit_difference, perplexity,
+                                        reference_logprobs)
 from avec.evaluate.sweep import parse_layers, run_sweep
 from avec.generation import format_prompt
 from avec.steer import steer
@@ -92,6 +93,10 @@ def test_kl_zero_at_coef_zero_and_matches_direct(tiny_llama):
         total += float((lp.exp() * (lp - lq)).sum())
     assert abs(kl[1] - total / 2) < 1e-4
     assert kl_divergence(tiny_llama, prompts, vec, 1, [2.0], positions="all")[0] > 0
+    ref = reference_logprobs(tiny_llama, prompts)
+    assert kl_divergence(tiny_llama, prompts, vec, 1, [0.0, 2.0], reference=ref) == kl
+    with pytest.raises(ValueError, match="do not match these prompts"):
+        kl_divergence(tiny_llama, prompts[:1], vec, 1, [2.0], reference=ref)
 
 
 def test_perplexity_matches_manual(tiny_llama):

@@ -18,7 +18,9 @@ from avec.hooks import StopForward, block_output
 from avec.models.model import Model
 
 ReadPosition = Union[str, int]
-"""``"last"`` (default), ``"mean"`` (mean over the text's tokens), ``"ab_letter"`` (the token of
+"""``"last"`` (default), ``"mean"`` (mean over the text's tokens after the first: the first token
+is an attention sink whose activation norm is ~100x the others' in the default model, and
+would dominate the mean), ``"ab_letter"`` (the token of
 the answer letter in the last ``(A)``-style choice of the text), or an int token index
 (negative counts from the end of the text's own tokens)."""
 
@@ -137,7 +139,9 @@ def read_activations(model: Model, texts: Sequence[str], layers: Sequence[int], 
 
         def collect(layer: int, hidden: torch.Tensor) -> None:
             if indices is None:
-                m = mask.unsqueeze(-1).to(hidden.dtype)
+                m = mask.clone()
+                m[m.sum(1) > 1, 0] = 0  # skip the first token (sink) unless it is the only one
+                m = m.unsqueeze(-1).to(hidden.dtype)
                 picked = (hidden * m).sum(1) / m.sum(1)
             else:
                 picked = hidden[torch.arange(hidden.shape[0], device=hidden.device), gather]

@@ -151,8 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n-pairs", default="1,3,8,32,128,256",
                    help="pair counts (values above the pool size are skipped)")
     p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--coefs", default="0.5,1,2,4,8",
-                   help="multipliers of the common-norm direction")
+    p.add_argument("--coefs", default="1,2,3,4,6",
+                   help="multipliers of the common-norm direction (default 1,2,3,4,6)")
     p.add_argument("--kl-budget", type=float, default=1.0)
     p.add_argument("--kl-prompts", help="neutral prompts for KL (default: 8 built-in prompts)")
     p.add_argument("--norm", type=float, help="common norm (default: pool mean-diff norm)")
@@ -164,8 +164,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "concept instead of neutral topics (see `avec pairs generate --contrast`)")
     p.add_argument("--seed", type=int, default=0, help="seed of synthetic pair generation")
     p.add_argument("--position", type=_position, default=None,
-                   help="token read for the directions: last (default), mean or an int index "
-                        "(ab_letter for A/B pools)")
+                   help="token read for the directions: mean (default for sentence pairs: the "
+                        "tokens after the first), last, or an int index (ab_letter for A/B "
+                        "pools)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
     p.add_argument("--output-dir", "-o", required=True)
@@ -439,7 +440,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         n_pairs=[int(x) for x in args.n_pairs.split(",")], seeds=args.seeds,
         coefs=[float(x) for x in args.coefs.split(",")], kl_budget=args.kl_budget,
         norm=args.norm, chat=is_ab,
-        position=args.position or ("ab_letter" if is_ab else "last"),
+        position=args.position or ("ab_letter" if is_ab else "mean"),
         max_new_tokens=args.max_new_tokens)
     result = compare(model, pairs, task, settings, kl_prompts, progress=True)
     files = write_outputs(result, out_dir)

@@ -31,7 +31,7 @@ from avec.data.pairs import ContrastPair
 from avec.data.templates import pair_texts
 from avec.evaluate.ab import ABItem, ab_variants
 from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
-from avec.evaluate.side_effects import kl_divergence
+from avec.evaluate.side_effects import kl_divergence, reference_logprobs
 from avec.extract import extract_actadd
 from avec.generation import variant_completions
 from avec.methods import get_method
@@ -47,11 +47,11 @@ class CompareSettings:
     methods: Sequence[str] = DEFAULT_METHODS
     n_pairs: Sequence[int] = (1, 3, 8, 32, 128, 256)
     seeds: int = 3
-    coefs: Sequence[float] = (0.5, 1.0, 2.0, 4.0, 8.0)
+    coefs: Sequence[float] = (1.0, 2.0, 3.0, 4.0, 6.0)
     kl_budget: float = 1.0
     norm: float | None = None
     chat: bool = False
-    position: str | int = "last"
+    position: str | int = "mean"  # for sentence pairs; CAA A/B pools read "ab_letter"
     max_new_tokens: int = 32
 
 
@@ -159,9 +159,12 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                  "kl_prompts": len(kl_prompts)},
                            baseline=baseline, common_norm=common, model=model.identity(),
                            avec_version=__version__)
+    reference = reference_logprobs(model, kl_prompts)
     for cell, vec, eff in tqdm(list(zip(cells, vectors, effects)), desc="KL", disable=not progress,
                                leave=False):
-        kls = kl_divergence(model, kl_prompts, vec, layer, coefs)
+        # coefficient 0 is the unsteered model itself (bit-identical logits): its KL is 0
+        kls = [0.0, *kl_divergence(model, kl_prompts, vec, layer, coefs[1:],
+                                   reference=reference)]
         ok = [(e - baseline, c, k) for e, c, k in zip(eff, coefs, kls) if k <= settings.kl_budget]
         best = max(ok, key=lambda x: x[0])  # coefficient 0 is always within budget
         result.rows.append({**cell, "effects": eff, "kl": kls, "best_effect": best[0],

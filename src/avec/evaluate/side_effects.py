@@ -12,19 +12,33 @@ from avec.models.model import Model
 from avec.vector import SteeringVector
 
 
+def reference_logprobs(model: Model, prompts: Sequence[str], *, chat: bool | None = None,
+                       batch_size: int = 16) -> list[torch.Tensor]:
+    """Unsteered next-token log-probabilities ``[len, vocab]`` of each prompt, formatted as
+    :func:`kl_divergence` formats them; pass them as its ``reference`` to compute them once."""
+    tokens = [format_prompt(model, p, chat)[0] for p in prompts]
+    return [lp.log_softmax(-1) for lp in batched_logits(model, tokens, batch_size)]
+
+
 def kl_divergence(model: Model, prompts: Sequence[str], vector: SteeringVector | None,
                   layer: int | None, coefs: Sequence[float], *, chat: bool | None = None,
-                  positions: str = "last", batch_size: int = 16) -> list[float]:
+                  positions: str = "last", batch_size: int = 16,
+                  reference: Sequence[torch.Tensor] | None = None) -> list[float]:
     """Mean KL(unsteered || steered) of next-token distributions, one value per coefficient.
 
     ``positions="last"`` (default, as Arditi et al. measure it) compares the distribution after
     the whole prompt (chat-templated when the model has a template, like generation);
-    ``"all"`` averages over every position of the prompt.
+    ``"all"`` averages over every position of the prompt. ``reference``: the unsteered
+    log-probabilities from :func:`reference_logprobs` (computed here when not given).
     """
     if positions not in ("last", "all"):
         raise ValueError(f"positions must be 'last' or 'all', got {positions!r}")
     tokens = [format_prompt(model, p, chat)[0] for p in prompts]
-    base = [lp.log_softmax(-1) for lp in batched_logits(model, tokens, batch_size)]
+    base = list(reference) if reference is not None else reference_logprobs(
+        model, prompts, chat=chat, batch_size=batch_size)
+    if len(base) != len(tokens) or any(b.shape[0] != len(t) for b, t in zip(base, tokens)):
+        raise ValueError("reference log-probabilities do not match these prompts; make them with "
+                         "reference_logprobs(model, prompts) with the same chat setting")
     totals = torch.zeros(len(coefs), dtype=torch.float64)
     for i, c, logits in steered_logit_rows(model, tokens, vector, layer, list(coefs), batch_size):
         lp, lq = base[i], logits.log_softmax(-1)
