@@ -17,6 +17,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -81,21 +82,45 @@ def full_forward(model: avec.Model, token_lists: list[list[int]], batch_size: in
             model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False)
 
 
-def bench_ab_sweep(model: avec.Model, reps: int) -> dict[str, object]:
-    """A/B p(match) over the 50 CAA refusal test questions: 9 coefficients vs 1."""
+NINE = [-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0]
+
+
+def sweep_cost(name: str, data: str, one: Callable[[], object], nine: Callable[[], object],
+               reps: int) -> dict[str, object]:
+    """Seconds for one coefficient vs nine on the same data, interleaved repetitions."""
+    one_t, nine_t = [], []
+    for _ in range(reps):
+        one_t += timed(one, 1)
+        nine_t += timed(nine, 1)
+    return {"metric": name, "data": data, "one_coef_s": summary(one_t),
+            "nine_coefs_s": summary(nine_t),
+            "ratio_nine_over_one": round(statistics.median(nine_t) / statistics.median(one_t), 3)}
+
+
+def bench_sweeps(model: avec.Model, reps: int) -> list[dict[str, object]]:
+    """9 coefficients vs 1 for the A/B metric (the CAA protocol: prefix cache shared by every
+    coefficient), KL on neutral prompts and a concept score of greedy completions."""
+    from avec.data.demo import CONCEPT_PROMPTS, NEUTRAL_PROMPTS
     from avec.evaluate.ab import ab_sweep, load_ab_items
+    from avec.evaluate.side_effects import kl_divergence
+    from avec.generation import steered_completions
 
     items = load_ab_items(DATA / "caa" / "refusal" / "test_dataset_ab.json")
     pairs = load_ab_pairs(DATA / "caa" / "refusal" / "generate_dataset.json")[:64]
-    vec = avec.extract(model, pairs, [14], position="ab_letter", chat=True)
-    nine = [-8.0, -4.0, -2.0, -1.0, 0.0, 1.0, 2.0, 4.0, 8.0]
-    one_t, nine_t = [], []
-    for _ in range(reps):
-        one_t += timed(lambda: ab_sweep(model, items, vec, [14], [1.0]), 1)
-        nine_t += timed(lambda: ab_sweep(model, items, vec, [14], nine), 1)
-    return {"data": "caa/refusal/test_dataset_ab.json (50 questions), layer 14",
-            "one_coef_s": summary(one_t), "nine_coefs_s": summary(nine_t),
-            "ratio_nine_over_one": round(statistics.median(nine_t) / statistics.median(one_t), 3)}
+    ab_vec = avec.extract(model, pairs, [14], position="ab_letter", chat=True)
+    ocean = avec.extract(model, DEMO_PAIRS, [14])
+    gen = lambda coefs: steered_completions(model, CONCEPT_PROMPTS, ocean, coefs,  # noqa: E731
+                                            max_new_tokens=32)
+    return [
+        sweep_cost("ab", "caa/refusal/test_dataset_ab.json (50 questions), layer 14",
+                   lambda: ab_sweep(model, items, ab_vec, [14], [1.0]),
+                   lambda: ab_sweep(model, items, ab_vec, [14], NINE), reps),
+        sweep_cost("kl", f"{len(NEUTRAL_PROMPTS)} neutral prompts, last-token KL, layer 14",
+                   lambda: kl_divergence(model, NEUTRAL_PROMPTS, ocean, 14, [1.0]),
+                   lambda: kl_divergence(model, NEUTRAL_PROMPTS, ocean, 14, NINE), reps),
+        sweep_cost("concept generation", f"{len(CONCEPT_PROMPTS)} prompts x 32 greedy tokens, "
+                   "layer 14", lambda: gen([1.0]), lambda: gen(NINE), reps),
+    ]
 
 
 def main() -> None:
@@ -107,25 +132,50 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=14)
     parser.add_argument("--pairs", type=int, default=256)
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold (convert) load")
+    parser.add_argument("--parts", default="load,extract,sweep",
+                        help="comma-separated parts to run (load, extract, sweep); results of "
+                             "parts not run are kept from the previous results file")
     args = parser.parse_args()
+    parts = {x.strip() for x in args.parts.split(",")}
+    unknown = parts - {"load", "extract", "sweep"}
+    if unknown:
+        parser.error(f"unknown parts {sorted(unknown)}; use load, extract, sweep")
     torch.manual_seed(0)
-    results: dict[str, object] = {
+    results: dict[str, object] = json.loads(OUT.read_text()) if OUT.is_file() else {}
+    results.update({
         "machine": {"python": platform.python_version(), "torch": torch.__version__,
                     "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
-        "avec_version": avec.__version__}
+        "avec_version": avec.__version__})
+    results.pop("ab_sweep", None)  # older layout, replaced by "sweeps"
+    if "load" in parts:
+        results.update(bench_load(args.skip_cold))
+    model = avec.load_model()
+    if "extract" in parts:
+        results["extraction"] = bench_extraction(model, args)
+    if "sweep" in parts:
+        results["sweeps"] = bench_sweeps(model, args.reps)
+    OUT.parent.mkdir(parents=True, exist_ok=True)
+    OUT.write_text(json.dumps(results, indent=2))
+    print_table(results)
+    print(f"wrote {OUT}")
 
+
+def bench_load(skip_cold: bool) -> dict[str, object]:
     env = dict(os.environ)
     fresh_process_load(env)  # make sure the cache exists
     warm = [fresh_process_load(env) for _ in range(3)]
-    results["import_avec_fresh_process_s"] = summary([w[0] for w in warm])
-    results["warm_load_model_fresh_process_s"] = summary([w[1] for w in warm])
-    model = avec.load_model()
-    results["warm_load_model_again_in_process_s"] = summary(timed(avec.load_model, 3))
-    if not args.skip_cold:
+    out: dict[str, object] = {
+        "import_avec_fresh_process_s": summary([w[0] for w in warm]),
+        "warm_load_model_fresh_process_s": summary([w[1] for w in warm]),
+        "warm_load_model_again_in_process_s": summary(timed(avec.load_model, 3))}
+    if not skip_cold:
         with tempfile.TemporaryDirectory() as tmp:
-            results["cold_load_model_fresh_process_s"] = summary(
+            out["cold_load_model_fresh_process_s"] = summary(
                 [fresh_process_load({**env, "AVEC_CACHE": tmp})[1]])
+    return out
 
+
+def bench_extraction(model: avec.Model, args: argparse.Namespace) -> dict[str, object]:
     if args.data == "caa":
         source = DATA / "caa" / "hallucination" / "generate_dataset.json"
         pairs = load_ab_pairs(source)[: args.pairs]
@@ -146,8 +196,8 @@ def main() -> None:
                                                 chat=chat), 1)
         ref_t += timed(lambda: truncated_forward(model, tokens, L, 32), 1)
         full_t += timed(lambda: full_forward(model, tokens, 32), 1)
-    results["extraction"] = {
-        "data": described,
+    return {
+        "data": described, "pairs": len(pairs),
         "texts": len(texts), "tokens": sum(len(t) for t in tokens), "layer": L,
         "avec_extract_s": summary(extract_t),
         "forward_to_layer_s": summary(ref_t),
@@ -157,24 +207,26 @@ def main() -> None:
         "ratio_extract_over_full_forward": round(
             statistics.median(extract_t) / statistics.median(full_t), 3),
     }
-    results["ab_sweep"] = bench_ab_sweep(model, args.reps)
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(results, indent=2))
-    ex = results["extraction"]
-    print(f"{'measurement':<48} {'median':>10}")
+
+
+def print_table(results: dict[str, object]) -> None:
+    print(f"{'measurement':<52} {'median':>10}")
     for key in ("import_avec_fresh_process_s", "warm_load_model_fresh_process_s",
                 "warm_load_model_again_in_process_s", "cold_load_model_fresh_process_s"):
         if key in results:
-            print(f"{key:<48} {results[key]['median']:>9.3f}s")
-    for key in ("avec_extract_s", "forward_to_layer_s", "full_forward_s"):
-        print(f"{key + f' ({len(pairs)} pairs, L{L})':<48} {ex[key]['median']:>9.3f}s")
-    print(f"{'extract / forward-to-layer':<48} {ex['ratio_extract_over_forward_to_layer']:>10}")
-    print(f"{'extract / full forward':<48} {ex['ratio_extract_over_full_forward']:>10}")
-    ab = results["ab_sweep"]
-    print(f"{'A/B eval, 50 questions, 1 coefficient':<48} {ab['one_coef_s']['median']:>9.3f}s")
-    print(f"{'A/B eval, 50 questions, 9 coefficients':<48} {ab['nine_coefs_s']['median']:>9.3f}s")
-    print(f"{'9 coefficients / 1 coefficient':<48} {ab['ratio_nine_over_one']:>10}")
-    print(f"wrote {OUT}")
+            print(f"{key:<52} {results[key]['median']:>9.3f}s")  # type: ignore[index]
+    ex = results.get("extraction")
+    if isinstance(ex, dict):
+        tag = f" ({ex.get('pairs', '?')} pairs, L{ex['layer']})"
+        for key in ("avec_extract_s", "forward_to_layer_s", "full_forward_s"):
+            print(f"{key + tag:<52} {ex[key]['median']:>9.3f}s")
+        print(f"{'extract / forward-to-layer':<52} {ex['ratio_extract_over_forward_to_layer']:>10}")
+        print(f"{'extract / full forward':<52} {ex['ratio_extract_over_full_forward']:>10}")
+    for sw in results.get("sweeps", []):  # type: ignore[union-attr]
+        name = sw["metric"]
+        print(f"{name + ', 1 coefficient':<52} {sw['one_coef_s']['median']:>9.3f}s")
+        print(f"{name + ', 9 coefficients':<52} {sw['nine_coefs_s']['median']:>9.3f}s")
+        print(f"{name + ', 9 / 1 coefficients':<52} {sw['ratio_nine_over_one']:>10}")
 
 
 if __name__ == "__main__":

@@ -145,8 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concept", help="concept description for the embedding judge")
     p.add_argument("--keywords", help="comma-separated keywords (keyword rate, if no --concept)")
     p.add_argument("--layer", type=int, default=None,
-                   help="block whose output is read and steered (default: 7/15 of the depth, "
-                        "14 on the default model)")
+                   help="block whose output is read and steered (default: a third of the depth, "
+                        "10 on the default model)")
     p.add_argument("--methods", default=",".join(["mean_diff", "pca", "probe", "actadd", "random"]))
     p.add_argument("--n-pairs", default="1,3,8,32,128,256",
                    help="pair counts (values above the pool size are skipped)")
