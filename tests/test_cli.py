@@ -205,3 +205,10 @@ def test_compare_argument_errors(capsys, tmp_path, model_dir):
     code, _, err = run(capsys, "compare", "--model", str(model_dir), "--concept", "x",
                        "--data", str(tmp_path / "ab.json"), "-o", str(tmp_path))
     assert code == 2 and "--data (A/B items) needs --pairs" in err
+    ab = tmp_path / "ab.json"
+    code, _, err = run(capsys, "compare", "--model", str(model_dir), "--pairs", str(ab),
+                       "--data", str(ab), "--concept", "x", "-o", str(tmp_path))
+    assert code == 2 and "with --data the effect is A/B p(match)" in err
+    code, _, err = run(capsys, "compare", "--model", str(model_dir), "--pairs", str(ab),
+                       "--concept", "x", "--contrast", "y", "-o", str(tmp_path))
+    assert code == 2 and "--contrast only shapes synthetic pairs" in err

@@ -183,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("-n", type=int, default=32, help="number of pairs")
     g.add_argument("-o", "--output", required=True, help="output .jsonl")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=0.8)
+    g.add_argument("--temperature", type=float, default=None,
+                   help="sampling temperature (default 0.8)")
     g.add_argument("--max-attempts", type=int, default=None, help="default 4 x n candidates")
     _add_model_args(g)
 
@@ -415,6 +416,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          "pairs for it")
     if args.data and args.pairs is None:
         raise ValueError("--data (A/B items) needs --pairs: the A/B pool to build vectors from")
+    if args.data and (args.concept or args.keywords):
+        raise ValueError("--concept/--keywords score generated text; with --data the effect is "
+                         "A/B p(match): drop one of them")
+    if args.contrast and args.pairs:
+        raise ValueError("--contrast only shapes synthetic pairs; it cannot apply to --pairs")
     keywords = [k.strip() for k in (args.keywords or "").split(",") if k.strip()]
     if not args.data and not args.concept and not keywords:
         raise ValueError("a concept comparison needs --concept and/or --keywords")
@@ -466,7 +472,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
 def _synthetic_pool(model: Any, args: argparse.Namespace, out_dir: Path) -> tuple[list[Any], str]:
     """Pairs for ``--concept`` written by the model itself, saved to DIR/pairs.jsonl."""
-    from avec.data.synthetic import generate_pairs, save_generated
+    from avec.data.synthetic import DEFAULT_TEMPERATURE, generate_pairs, save_generated
 
     _log(f"no --pairs: {model.name} writes {args.synthetic_pairs} synthetic pairs for "
          f"{args.concept!r} (seed {args.seed})")
@@ -477,7 +483,7 @@ def _synthetic_pool(model: Any, args: argparse.Namespace, out_dir: Path) -> tupl
                          f"pass --pairs FILE or use a stronger --model")
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "pairs.jsonl"
-    save_generated(made, path, args.concept, _generator_info(model, args.seed, 0.8),
+    save_generated(made, path, args.concept, _generator_info(model, args.seed, DEFAULT_TEMPERATURE),
                    args.contrast)
     if len(made) < args.synthetic_pairs:
         _log(f"warning: only {len(made)} of {args.synthetic_pairs} synthetic pairs were usable")
@@ -492,16 +498,17 @@ def _generator_info(model: Any, seed: int, temperature: float) -> dict[str, Any]
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from avec.data.synthetic import generate_pairs, save_generated
+    from avec.data.synthetic import DEFAULT_TEMPERATURE, generate_pairs, save_generated
 
+    temperature = DEFAULT_TEMPERATURE if args.temperature is None else args.temperature
     model = _load(args)
     pairs = generate_pairs(model, args.concept, args.n, contrast=args.contrast, seed=args.seed,
-                           temperature=args.temperature, max_attempts=args.max_attempts,
+                           temperature=temperature, max_attempts=args.max_attempts,
                            progress=True)
     if not pairs:
         raise ValueError(f"{model.name} produced no acceptable pairs for {args.concept!r}; "
                          f"raise --max-attempts or use a stronger --model")
-    generator = _generator_info(model, args.seed, args.temperature)
+    generator = _generator_info(model, args.seed, temperature)
     save_generated(pairs, args.output, args.concept, generator, args.contrast)
     info = {"output": args.output, "pairs": len(pairs), "requested": args.n,
             "generator": generator}

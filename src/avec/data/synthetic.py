@@ -41,6 +41,7 @@ NEUTRAL_TOPICS = (
     "an insurance form", "a staircase", "a light switch", "cardboard boxes", "a plain wall",
     "a calendar", "an elevator", "a stapler", "a desk lamp", "a train station",
 )
+DEFAULT_TEMPERATURE = 0.8
 REFUSALS = ("i'm sorry", "i am sorry", "as an ai", "i cannot", "i can't", "sentence")
 
 
@@ -90,7 +91,7 @@ def acceptable(sentence: str) -> bool:
 
 
 def generate_pairs(model: Model, concept: str, n: int, *, contrast: str | None = None,
-                   seed: int = 0, temperature: float = 0.8, max_new_tokens: int = 48,
+                   seed: int = 0, temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = 48,
                    batch_size: int = 16, max_attempts: int | None = None,
                    progress: bool = False) -> list[GeneratedPair]:
     """Up to ``n`` pairs for ``concept``; stops after ``max_attempts`` candidates (default 4n).
