@@ -38,6 +38,7 @@ def test_compare_ab_protocol(tiny_llama, tmp_path):
     assert data["summary"] == json.loads(json.dumps(summary)) and data["common_norm"] > 0
     page = open(files["html"]).read()
     assert "data:image/png;base64," in page and "mean_diff" in page and "<script" not in page
+    assert "What the steering does" not in page  # A/B: no completions to show
 
 
 def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
@@ -53,8 +54,11 @@ def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
     monkeypatch.setattr(cmp, "_effects", spy)
     settings = CompareSettings(layer=2, methods=("mean_diff", "pca", "probe", "random"),
                                n_pairs=(3,), seeds=1, coefs=(1.0,), norm=5.0)
-    compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])
+    res = compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])
     norms = [float(v[2].norm()) for v in seen]
+    assert len(res.unsteered) == 1 and res.prompts == ["hi"]
+    for r in res.rows:  # the completions at the chosen coefficient are kept
+        assert len(r["best_completions"]) == 1
     assert len(norms) == 4 and all(abs(n - 5.0) < 1e-4 for n in norms)
     assert not torch.allclose(seen[0][2], seen[3][2])  # random differs from mean_diff
 
@@ -68,3 +72,15 @@ def test_results_round_trip(tiny_llama, tmp_path):
     files = write_outputs(res, tmp_path)
     again = load_result(files["json"])
     assert again.rows == json.loads(json.dumps(res.rows)) and again.summary() == res.summary()
+
+
+def test_concept_report_shows_completions(tiny_llama, tmp_path):
+    settings = CompareSettings(layer=1, methods=("mean_diff", "random"), n_pairs=(1, 3), seeds=1,
+                               coefs=(2.0,), max_new_tokens=4)
+    res = compare(tiny_llama, PAIRS, Task(prompts=["hi <b>", "yo"], keywords=["love"]), settings,
+                  ["hi"])
+    page = open(write_outputs(res, tmp_path)["html"]).read()
+    assert "What the steering does" in page and "mean_diff, 3 pairs" in page
+    assert "hi &lt;b&gt;" in page  # prompts and completions are escaped
+    again = json.loads(open(tmp_path / "results.json").read())
+    assert again["unsteered"] == res.unsteered and again["prompts"] == ["hi <b>", "yo"]

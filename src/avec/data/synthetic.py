@@ -91,8 +91,8 @@ def acceptable(sentence: str) -> bool:
 
 
 def generate_pairs(model: Model, concept: str, n: int, *, contrast: str | None = None,
-                   seed: int = 0, temperature: float = DEFAULT_TEMPERATURE, max_new_tokens: int = 48,
-                   batch_size: int = 16, max_attempts: int | None = None,
+                   seed: int = 0, temperature: float = DEFAULT_TEMPERATURE,
+                   max_new_tokens: int = 48, batch_size: int = 16, max_attempts: int | None = None,
                    progress: bool = False) -> list[GeneratedPair]:
     """Up to ``n`` pairs for ``concept``; stops after ``max_attempts`` candidates (default 4n).
 

@@ -80,6 +80,8 @@ class CompareResult:
     rows: list[dict[str, Any]] = field(default_factory=list)  # one per (method, n, seed)
     model: dict[str, Any] = field(default_factory=dict)  # identity of the model compared on
     avec_version: str = ""
+    prompts: list[str] = field(default_factory=list)  # concept tasks: the prompts generated from
+    unsteered: list[str] = field(default_factory=list)  # ... and their unsteered completions
 
     def summary(self) -> list[dict[str, Any]]:
         cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -149,7 +151,7 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                               {"method": method, "n_pairs": n, "seed": seed}))
                 cells.append({"method": method, "n_pairs": n, "seed": seed, "pairs": idx})
     coefs = [0.0, *[float(c) for c in settings.coefs if c != 0]]
-    effects = _effects(model, task, vectors, layer, coefs, settings, progress)
+    effects, texts = _effects(model, task, vectors, layer, coefs, settings, progress)
     baseline = effects[0][0] if effects else 0.0
     result = CompareResult(settings={**asdict(settings), "coefs": coefs},
                            task={"kind": task.kind, "name": task.name, "n_items": len(task.items),
@@ -158,41 +160,49 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                  "pairs_source": task.pairs_source,
                                  "kl_prompts": len(kl_prompts)},
                            baseline=baseline, common_norm=common, model=model.identity(),
-                           avec_version=__version__)
+                           avec_version=__version__, prompts=list(task.prompts),
+                           unsteered=texts[0][0] if texts else [])
     reference = reference_logprobs(model, kl_prompts)
-    for cell, vec, eff in tqdm(list(zip(cells, vectors, effects)), desc="KL", disable=not progress,
-                               leave=False):
+    for k, (cell, vec, eff) in enumerate(tqdm(list(zip(cells, vectors, effects)), desc="KL",
+                                              disable=not progress, leave=False)):
         # coefficient 0 is the unsteered model itself (bit-identical logits): its KL is 0
         kls = [0.0, *kl_divergence(model, kl_prompts, vec, layer, coefs[1:],
                                    reference=reference)]
         ok = [(e - baseline, c, k) for e, c, k in zip(eff, coefs, kls) if k <= settings.kl_budget]
         best = max(ok, key=lambda x: x[0])  # coefficient 0 is always within budget
-        result.rows.append({**cell, "effects": eff, "kl": kls, "best_effect": best[0],
-                            "best_coef": best[1], "best_kl": best[2]})
+        row = {**cell, "effects": eff, "kl": kls, "best_effect": best[0], "best_coef": best[1],
+               "best_kl": best[2]}
+        if texts:  # completions at the chosen coefficient, to read what the steering does
+            row["best_completions"] = texts[k][coefs.index(best[1])]
+        result.rows.append(row)
     return result
 
 
 def _effects(model: Model, task: Task, vectors: list[SteeringVector], layer: int,
-             coefs: list[float], settings: CompareSettings, progress: bool) -> list[list[float]]:
+             coefs: list[float], settings: CompareSettings, progress: bool
+             ) -> tuple[list[list[float]], list[list[list[str]]]]:
+    """Scores ``[vector][coef]``, and for concept tasks the completions ``[vector][coef][prompt]``
+    (empty for A/B tasks)."""
     if task.kind == "ab":
         scores = ab_variants(model, task.items, [(v, layer) for v in vectors], coefs,
                              progress=progress)
-        return scores.mean(-1).tolist()
+        return scores.mean(-1).tolist(), []
     if not task.prompts or not (task.concept or task.keywords):
         raise ValueError("a concept comparison needs prompts and a concept or keywords")
     judge = EmbeddingJudge() if task.concept else None
     variants = [(vec, c) for vec in vectors for c in coefs]
     texts = variant_completions(model, task.prompts, variants,
                                 max_new_tokens=settings.max_new_tokens, progress=progress)
-    scores = []
     if judge is not None:
         flat = judge.scores([t for row in texts for t in row], task.concept)
-        for k in range(len(variants)):
-            chunk = flat[k * len(task.prompts):(k + 1) * len(task.prompts)]
-            scores.append(sum(chunk) / len(chunk))
+        per_prompt = len(task.prompts)
+        scores = [sum(flat[k * per_prompt:(k + 1) * per_prompt]) / per_prompt
+                  for k in range(len(variants))]
     else:
         scores = [keyword_rate(row, task.keywords) for row in texts]
-    return [scores[k * len(coefs):(k + 1) * len(coefs)] for k in range(len(vectors))]
+    n = len(coefs)
+    return ([scores[k * n:(k + 1) * n] for k in range(len(vectors))],
+            [texts[k * n:(k + 1) * n] for k in range(len(vectors))])
 
 
 def load_result(path: str | Path) -> CompareResult:
@@ -228,6 +238,9 @@ def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, str]:
         ax.errorbar(xs, [s["effect_mean"] for s in rows], yerr=[s["effect_std"] for s in rows],
                     marker="o", capsize=3, label=method, color=color[method])
     ax.set_xscale("log")
+    ns = sorted({s["n_pairs"] for s in summary})
+    ax.set_xticks(ns, [str(n) for n in ns])
+    ax.minorticks_off()
     ax.set_xlabel("number of contrast pairs")
     ax.set_ylabel(f"best {label} (KL <= {result.settings['kl_budget']:g})")
     ax.axhline(0, color="grey", lw=0.8)
@@ -258,6 +271,29 @@ def write_outputs(result: CompareResult, out_dir: str | Path) -> dict[str, str]:
             "effect_vs_pairs.png"), ("kl_plot", "effect_vs_kl.png"), ("html", "report.html"))}
 
 
+def _samples_html(result: CompareResult, n_prompts: int = 3) -> str:
+    """Completions at the chosen coefficient: seed 0 of each method at its largest pair count."""
+    if not result.unsteered or not result.prompts:
+        return ""
+    picks: dict[str, dict[str, Any]] = {}
+    for r in result.rows:
+        if r["seed"] == 0 and "best_completions" in r and (
+                r["method"] not in picks or r["n_pairs"] > picks[r["method"]]["n_pairs"]):
+            picks[r["method"]] = r
+    blocks = []
+    for i, prompt in enumerate(result.prompts[:n_prompts]):
+        plain = html.escape(result.unsteered[i])
+        trs = f"<tr><th>unsteered</th><td></td><td class=t>{plain}</td></tr>"
+        for m, r in picks.items():
+            trs += (f"<tr><th>{html.escape(m)}, {r['n_pairs']} pairs</th><td>{r['best_coef']:g}"
+                    f"</td><td class=t>{html.escape(r['best_completions'][i])}</td></tr>")
+        blocks.append(f"<h3>{html.escape(prompt)}</h3><table><tr><th>direction</th><th>coef"
+                      f"</th><th>greedy completion</th></tr>{trs}</table>")
+    return ("<h2>What the steering does</h2><p>Greedy completions at each direction's chosen "
+            "coefficient (within the KL budget; coefficient 0 means no coefficient was both "
+            "useful and within budget), seed 0, largest pair count.</p>" + "".join(blocks))
+
+
 def render_report(result: CompareResult, summary: list[dict[str, Any]], out: Path) -> str:
     s, t = result.settings, result.task
     methods = list(dict.fromkeys(x["method"] for x in summary))
@@ -281,7 +317,7 @@ def render_report(result: CompareResult, summary: list[dict[str, Any]], out: Pat
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>avec compare</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:62em;line-height:1.45}}
 table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.35em .6em;
-text-align:center}}small{{color:#666}}img{{max-width:100%}}</style></head><body>
+text-align:center}}small{{color:#666}}img{{max-width:100%}}td.t{{text-align:left}}</style></head><body>
 <h1>Steering methods compared: {html.escape(t['name'] or t['kind'])}</h1>
 <p>Model: {html.escape(str(result.model.get('name', '?')))} ({result.model.get('n_layers', '?')}
 layers, d_model {result.model.get('d_model', '?')}); avec {html.escape(result.avec_version or '?')}.
@@ -296,4 +332,5 @@ subset for every method; ActAdd uses one pair, injected at the front positions.<
 <p><small>mean ± standard deviation over seeds; KL: mean KL at the chosen coefficient.</small></p>
 <img src="data:image/png;base64,{_png_b64(out / 'effect_vs_pairs.png')}" alt="effect vs pairs">
 <img src="data:image/png;base64,{_png_b64(out / 'effect_vs_kl.png')}" alt="effect vs KL">
+{_samples_html(result)}
 <p><small>Generated by avec; raw numbers in results.json.</small></p></body></html>"""
