@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The method comparisons reported in the README (default model, CPU, about 75 min in all).
+# The method comparisons reported in the README (default model, CPU, about 90 min in all).
 # ONLY="ocean fire tone sycophancy refusal" picks a subset; extra arguments go to every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,5 +27,5 @@ for b in sycophancy refusal; do  # CAA behaviours, A/B protocol
   want "$b" || continue
   $AVEC compare --pairs "$DATA/caa/$b/generate_dataset.json" \
     --data "$DATA/caa/$b/test_dataset_ab.json" --pool 256 --limit 25 --name "CAA $b" --layer 16 \
-    --n-pairs 1,3,8,32,128 --coefs 1,2,4,8 -o "$OUT/$b" "$@"
+    --n-pairs 1,3,8,32,128 --coefs 1,2,4,8,16,32 -o "$OUT/$b" "$@"
 done
