@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The method comparisons reported in the README (default model, CPU, about 90 min in all).
-# ONLY="ocean fire tone sycophancy refusal" picks a subset; extra arguments go to every run.
+# The method comparisons reported in the README (default model, CPU, about 110 min in all).
+# ONLY="ocean fire tone sycophancy refusal heldout" picks a subset; extra arguments go to every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AVEC=.venv/bin/avec
 DATA=../shared/data
 OUT=experiments/results/compare
-ONLY=${ONLY:-"ocean fire tone sycophancy refusal"}
+ONLY=${ONLY:-"ocean fire tone sycophancy refusal heldout"}
 mkdir -p "$OUT"
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 if want ocean; then  # concept, hand-written pairs: the 36 built-in demo pairs
@@ -29,3 +29,9 @@ for b in sycophancy refusal; do  # CAA behaviours, A/B protocol
     --data "$DATA/caa/$b/test_dataset_ab.json" --pool 256 --limit 25 --name "CAA $b" --layer 16 \
     --n-pairs 1,3,8,32,128 --coefs 1,2,4,8,16,32 -o "$OUT/$b" "$@"
 done
+if want heldout; then  # held-out concepts, one command each: mean_diff vs the random control
+  for c in "dogs" "music" "outer space and the stars" "cooking and food"; do
+    $AVEC compare --concept "$c" --methods mean_diff,random --n-pairs 1,32 \
+      -o "$OUT/heldout/${c// /_}" "$@"
+  done
+fi
