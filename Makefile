@@ -24,6 +24,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 bench: $(STAMP)
+	$(PY) bench/bench_peers.py
 	$(PY) bench/bench_core.py
 
 clean:

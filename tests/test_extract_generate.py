@@ -7,6 +7,7 @@ import torch
 
 from avec.activations import read_activations
 from avec.data import ContrastPair
+from avec.errors import SteeringError
 from avec.extract import extract
 from avec.generation import generate_ids, steered_completions, variant_completions
 from avec.methods import MeanDiff, get_method
@@ -95,6 +96,43 @@ def test_generated_positions_leave_prompt_untouched(tiny_llama):
         prm = generate_ids(tiny_llama, prompt, 8)[0]
     assert gen[0] == plain[0] and gen != plain
     assert prm != plain
+
+
+@pytest.mark.parametrize("positions", ["all", "generated", "prompt"])
+def test_greedy_loop_matches_model_generate(tiny_any, positions):
+    """avec's greedy loop makes the forward calls model.generate makes: same tokens, also
+    left-padded, steered per row and by position."""
+    from avec.activations import pad_batch
+    from avec.generation import _hf_generate
+
+    model = tiny_any
+    prompts = [model.encode([t])[0] for t in ["a long prompt here", "hi", "mid size"]]
+    ids, mask, _ = pad_batch(prompts, model.tokenizer.pad_token_id, "left")
+    eos = model.hf.generation_config.eos_token_id or model.tokenizer.eos_token_id
+    vec = extract(model, PAIRS, [1]) * 10
+    with steer(model, vec, coef=[1.0, 0.0, 2.0], positions=positions):
+        ours = generate_ids(model, prompts, 12, min_new_tokens=4)
+        ref = _hf_generate(model, ids, mask, 12, 4, eos, 0.0, 0, ()).tolist()
+    ref = [row[:next((i for i, t in enumerate(row) if t == eos), len(row))] for row in ref]
+    assert ours == ref
+
+
+def test_min_new_tokens_gives_exact_lengths(tiny_llama):
+    """Benchmarks need the same number of tokens from every library: with min_new_tokens equal
+    to max_new_tokens, end-of-sequence is suppressed and every row has exactly that many."""
+    eos = tiny_llama.hf.generation_config.eos_token_id or tiny_llama.tokenizer.eos_token_id
+    prompts = [tiny_llama.encode([t])[0] for t in ["a long prompt here", "hi"]]
+    got = generate_ids(tiny_llama, prompts, 12, min_new_tokens=12)
+    assert [len(r) for r in got] == [12, 12]
+    assert all(t != eos for r in got for t in r)
+
+
+def test_per_row_coefficient_count_is_checked(tiny_llama):
+    vec = extract(tiny_llama, PAIRS, [1])
+    prompts = [tiny_llama.encode([t])[0] for t in ["abc", "def"]]
+    with steer(tiny_llama, vec, coef=[1.0, 2.0, 3.0]):
+        with pytest.raises(SteeringError, match="3 per-row coefficients"):
+            generate_ids(tiny_llama, prompts, 2)
 
 
 def test_nonzero_coef_needs_vector(tiny_llama):

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
     src.add_argument("--prompts-file", help=".txt (one per line), .json or .jsonl prompts")
-    p.add_argument("--vector", help="steering vector file (.safetensors)")
+    p.add_argument("--vector", help="steering vector file (.safetensors, or a llama.cpp/repeng "
+                   ".gguf control vector)")
     p.add_argument("--coef", type=float, action="append",
                    help="coefficient multiplying the vector as extracted (repeat; default 1)")
     p.add_argument("--layer", type=int, action="append",
@@ -94,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext, description=EVAL_DESCRIPTION)
         p.add_argument("metric", choices=["ab", "mmlu", "kl", "ppl", "logit-diff", "concept"])
         vec = p.add_mutually_exclusive_group()
-        vec.add_argument("--vector", help="steering vector file")
+        vec.add_argument("--vector", help="steering vector file (.safetensors or .gguf)")
         vec.add_argument("--pairs", help="build a mean-difference vector from these pairs first "
                          "(A/B .json: chat template, answer letter; .jsonl: last token)")
         p.add_argument("--layers", default=None,
@@ -120,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rank the texts of a corpus by the largest projection of any "
                        "of their tokens (after the first) on the vector's direction at one layer, "
                        "and write highlighted HTML.")
-    p.add_argument("--vector", required=True)
+    p.add_argument("--vector", required=True,
+                   help="steering vector file (.safetensors or .gguf)")
     p.add_argument("--layer", type=int, help="layer of the vector (default: its only layer)")
     p.add_argument("--texts", nargs="+", required=True,
                    help=".txt files (split at blank lines) or .json/.jsonl prompt files")
@@ -188,8 +190,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-attempts", type=int, default=None, help="default 4 x n candidates")
     _add_model_args(g)
 
-    p = sub.add_parser("info", help="show the metadata of a vector file")
+    p = sub.add_parser("info", help="show the metadata of a vector file (.safetensors or .gguf)")
     p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+    p = sub.add_parser("convert", help="convert a vector between avec's safetensors format and "
+                       "llama.cpp/repeng control-vector GGUF (chosen by the file suffixes)",
+                       description="Convert a vector file. INPUT and OUTPUT are .safetensors "
+                       "(avec) or .gguf (llama.cpp --control-vector, repeng export_gguf). Layer "
+                       "L stays layer L: the output of block L in all three tools.")
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--layers", default=None,
+                   help="keep only these layers: 14, 4,8,12 or 4-20[:step]")
+    p.add_argument("--model-hint", default=None,
+                   help="GGUF model hint (default: the model type the vector was made on)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
@@ -520,10 +535,33 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_info(args: argparse.Namespace) -> int:
-    from avec.vector import SteeringVector
+def cmd_convert(args: argparse.Namespace) -> int:
+    from avec.evaluate.sweep import parse_layers
+    from avec.interop.gguf_control import write_gguf_control_vector
+    from avec.vector import load_vector
 
-    info = SteeringVector.load(args.file).describe()
+    vec = load_vector(args.input)
+    if args.layers:
+        vec = vec.select(parse_layers(args.layers))
+    out = Path(args.output)
+    if out.suffix.lower() == ".gguf":
+        write_gguf_control_vector(vec, out, model_hint=args.model_hint)
+    elif out.suffix.lower() == ".safetensors":
+        vec.save(out)
+    else:
+        raise ValueError(f"{out}: the output must end in .safetensors or .gguf")
+    info = {"input": args.input, "output": str(out), "layers": vec.layers, "width": vec.width}
+    if args.json:
+        _emit_json(info)
+    else:
+        print(f"wrote {out} ({len(vec.layers)} layers, width {vec.width})")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from avec.vector import load_vector
+
+    info = load_vector(args.file).describe()
     if args.json:
         _emit_json(info)
     else:
@@ -571,8 +609,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
-            "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs, "info": cmd_info,
-            "demo": cmd_demo}
+            "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs,
+            "info": cmd_info, "convert": cmd_convert, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

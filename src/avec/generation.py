@@ -37,34 +37,98 @@ def format_prompt(model: Model, prompt: str, chat: bool | None = None) -> tuple[
 
 @torch.inference_mode()
 def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int, *,
-                 temperature: float = 0.0, seed: int = 0,
+                 temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0,
                  stopping_criteria: Sequence[Any] = ()) -> list[list[int]]:
     """Continuation of a batch of token lists (left-padded): greedy, or sampled at
     ``temperature`` > 0 with ``seed`` (the global torch RNG is restored afterwards). Returns new
     tokens only, cut at the first end-of-sequence token. ``stopping_criteria`` are transformers
-    ``StoppingCriteria`` (a row they stop is padded with end-of-sequence tokens)."""
-    from transformers import GenerationConfig, StoppingCriteriaList
+    ``StoppingCriteria`` (a row they stop is padded with end-of-sequence tokens).
+    ``min_new_tokens`` suppresses end-of-sequence until that many tokens exist (benchmarks).
 
+    Greedy decoding without stopping criteria runs avec's own loop (:func:`greedy_decode`: the
+    same forward calls as ``model.generate``, without its per-step overhead); everything else
+    goes through ``model.generate``.
+    """
     tok = model.tokenizer
     eos = model.hf.generation_config.eos_token_id
     if eos is None:
         eos = tok.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     input_ids, mask, _ = pad_batch(prompt_ids, tok.pad_token_id, "left", model.device)
+    if temperature <= 0 and not stopping_criteria:
+        new = greedy_decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids)
+    else:
+        new = _hf_generate(model, input_ids, mask, max_new_tokens, min_new_tokens, eos,
+                           temperature, seed, stopping_criteria)
+    results = []
+    for row in new.tolist():
+        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
+        results.append(row[:cut])
+    return results
+
+
+def _hf_generate(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+                 min_new_tokens: int, eos: Any, temperature: float, seed: int,
+                 stopping_criteria: Sequence[Any]) -> torch.Tensor:
+    from transformers import GenerationConfig, StoppingCriteriaList
+
     sample = temperature > 0
-    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=sample, num_beams=1,
-                              pad_token_id=tok.pad_token_id, eos_token_id=eos,
+    config = GenerationConfig(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                              do_sample=sample, num_beams=1,
+                              pad_token_id=model.tokenizer.pad_token_id, eos_token_id=eos,
                               **({"temperature": temperature, "top_k": 0, "top_p": 1.0}
                                  if sample else {}))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         out = model.hf.generate(input_ids=input_ids, attention_mask=mask, generation_config=config,
                                 stopping_criteria=StoppingCriteriaList(list(stopping_criteria)))
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    results = []
-    for row in out[:, input_ids.shape[1]:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
-        results.append(row[:cut])
-    return results
+    return out[:, input_ids.shape[1]:]
+
+
+@torch.inference_mode()
+def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
+                  max_new_tokens: int, min_new_tokens: int = 0,
+                  eos_ids: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
+    """Greedy continuation ``[B, <= max_new_tokens]`` of left-padded ``input_ids``.
+
+    One prompt pass (logits of the last position only), then one token per step with the KV
+    cache, position ids counted over real tokens and the attention mask growing by one column:
+    the forward calls ``model.generate`` makes, so steering hooks (and their position tracking)
+    see the same inputs and the tokens are the same. End-of-sequence is suppressed for the first
+    ``min_new_tokens`` steps; a finished row gets padding; the loop ends when every row has
+    finished.
+    """
+    import inspect
+
+    hf = model.hf
+    params = inspect.signature(hf.forward).parameters
+    cache_name = "cache" if "cache" in params else "past_key_values"
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    pad = model.tokenizer.pad_token_id
+    eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = hf(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, **keep)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    tokens: list[torch.Tensor] = []
+    for step in range(max_new_tokens):
+        logits = out.logits[:, -1, :]
+        if step < min_new_tokens and eos.numel():
+            logits = logits.clone()
+            logits[:, eos] = -float("inf")
+        nxt = logits.argmax(-1)
+        if pad is not None:
+            nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
+        tokens.append(nxt)
+        if eos.numel():
+            finished |= torch.isin(nxt, eos)
+        if step == max_new_tokens - 1 or bool(finished.all()):
+            break
+        cache = out[cache_name] if cache_name in out else out["past_key_values"]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+        pos = pos[:, -1:] + 1
+        out = hf(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
+                 use_cache=True, **{cache_name: cache}, **keep)
+    return torch.stack(tokens, dim=1)
 
 
 Variant = tuple[SteeringVector | None, float]

@@ -123,7 +123,20 @@ class _PositionState:
 
 @dataclass
 class _LayerPlan:
-    ops: list[tuple[Intervention, torch.Tensor]] = field(default_factory=list)
+    # (intervention, direction, precomputed delta for a position-independent addition or None)
+    ops: list[tuple[Intervention, torch.Tensor, torch.Tensor | None]] = field(
+        default_factory=list)
+
+
+def _static_delta(iv: Intervention, direction: torch.Tensor) -> torch.Tensor | None:
+    """``coef * direction`` computed once, for additions that do not depend on the hidden
+    state or the token position (the common case; the hook then costs one addition)."""
+    if iv.op != "add" or direction.dim() != 1 or iv.positions != "all":
+        return None
+    coef = iv.coef
+    if isinstance(coef, torch.Tensor) and coef.numel() > 1:
+        return coef.to(direction.device, direction.dtype).view(-1, 1, 1) * direction
+    return float(coef) * direction
 
 
 def _row_coef(iv: Intervention, hidden: torch.Tensor) -> torch.Tensor | float:
@@ -229,15 +242,21 @@ def steer(model: Model,
                                     f"shape {tuple(direction.shape)}")
             if iv.op != "add" and float(direction.float().norm()) == 0.0:
                 raise SteeringError(f"cannot {iv.op} along a zero direction (layer {layer})")
-            plans.setdefault(layer, _LayerPlan()).ops.append((iv, direction))
+            plans.setdefault(layer, _LayerPlan()).ops.append(
+                (iv, direction, _static_delta(iv, direction)))
     state = _PositionState()
     handles = []
 
     def make_hook(layer: int, plan: _LayerPlan) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
             hidden = block_output(output)
-            for iv, direction in plan.ops:
-                hidden = _apply(iv, layer, direction, hidden, state)
+            for iv, direction, static in plan.ops:
+                if static is None:
+                    hidden = _apply(iv, layer, direction, hidden, state)
+                elif static.dim() == 3 and static.shape[0] != hidden.shape[0]:
+                    _row_coef(iv, hidden)  # raises the per-row coefficient count error
+                else:
+                    hidden = hidden + static
             return replace_block_output(output, hidden)
 
         return hook

@@ -223,8 +223,15 @@ def _width_message(path: Path | None, vec: SteeringVector, width: int, name: str
 
 
 def load_vector(path: str | Path, model: Any = None) -> SteeringVector:
-    """Load a vector file; with ``model``, also check it fits that model."""
-    vec = SteeringVector.load(path, expected_width=model.d_model if model is not None else None)
+    """Load a vector file (avec safetensors, or a llama.cpp/repeng control-vector ``.gguf``);
+    with ``model``, also check it fits that model."""
+    width = model.d_model if model is not None else None
+    if Path(path).suffix.lower() == ".gguf":
+        from avec.interop.gguf_control import read_gguf_control_vector
+
+        vec = read_gguf_control_vector(path, expected_width=width)
+    else:
+        vec = SteeringVector.load(path, expected_width=width)
     if model is not None:
         vec.check_model(model)
     return vec
