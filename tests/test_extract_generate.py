@@ -125,6 +125,7 @@ def test_min_new_tokens_gives_exact_lengths(tiny_llama):
     got = generate_ids(tiny_llama, prompts, 12, min_new_tokens=12)
     assert [len(r) for r in got] == [12, 12]
     assert all(t != eos for r in got for t in r)
+    assert generate_ids(tiny_llama, prompts, 0) == [[], []]
 
 
 def test_per_row_coefficient_count_is_checked(tiny_llama):

@@ -103,6 +103,9 @@ def test_gguf_refuses_bad_files(tmp_path):
     repeng_export_gguf(tmp_path / "w.gguf", "llama", {3: np.ones(4, dtype=np.float32)})
     with pytest.raises(VectorFileError, match="width 4 does not match the model width 16"):
         read_gguf_control_vector(tmp_path / "w.gguf", expected_width=16)
+    repeng_export_gguf(tmp_path / "2d.gguf", "llama", {3: np.ones((2, 4), dtype=np.float32)})
+    with pytest.raises(VectorFileError, match="1-D direction"):
+        load_vector(tmp_path / "2d.gguf")
     (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(VectorFileError, match="not a readable GGUF"):
         load_vector(tmp_path / "junk.gguf")

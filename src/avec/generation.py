@@ -100,6 +100,8 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
     """
     import inspect
 
+    if max_new_tokens <= 0:
+        return input_ids.new_zeros((input_ids.shape[0], 0))
     hf = model.hf
     params = inspect.signature(hf.forward).parameters
     cache_name = "cache" if "cache" in params else "past_key_values"

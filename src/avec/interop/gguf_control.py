@@ -55,6 +55,9 @@ def read_gguf_control_vector(path: str | Path, *,
         if not name.startswith(TENSOR_PREFIX) or not suffix.isdigit():
             raise VectorFileError(f"{path}: unexpected tensor {name!r}; expected 'direction.<N>'")
         data = np.asarray(tensor.data)
+        if sum(n > 1 for n in data.shape) > 1:
+            raise VectorFileError(f"{path}: tensor {name!r} has shape {data.shape}; a control "
+                                  f"vector holds one 1-D direction per layer")
         if data.dtype not in (np.float32, np.float16):
             raise VectorFileError(f"{path}: tensor {name!r} has type {data.dtype}, expected float")
         vec = torch.from_numpy(data.astype(np.float32).reshape(-1).copy())
