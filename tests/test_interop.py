@@ -135,6 +135,14 @@ def test_cli_convert_and_info(tmp_path, capsys):
     assert torch.equal(load_vector(back)[6], vec[6])
     assert main(["convert", str(tmp_path / "v.gguf"), "-o", str(tmp_path / "x.pt")]) == 2
     assert ".safetensors or .gguf" in capsys.readouterr().err
+    assert main(["export", str(tmp_path / "v.safetensors"), "--format", "gguf",
+                 "-o", str(tmp_path / "e.gguf")]) == 0
+    capsys.readouterr()
+    assert torch.equal(load_vector(tmp_path / "e.gguf")[4], vec[4])
+    zero = SteeringVector({0: torch.ones(8), 2: torch.ones(8)})
+    zero.save(tmp_path / "z.safetensors")
+    assert main(["export", str(tmp_path / "z.safetensors"), "-o", str(tmp_path / "z.gguf")]) == 2
+    assert "layer 0" in capsys.readouterr().err
 
 
 # ---- parity with the peers' recipes --------------------------------------------------------

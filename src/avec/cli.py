@@ -207,6 +207,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF model hint (default: the model type the vector was made on)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("export", help="export a vector for another engine: --format gguf writes "
+                       "a llama.cpp control vector",
+                       description="Export a vector file for another engine. --format gguf "
+                       "writes a llama.cpp control vector (general.architecture "
+                       "'controlvector', float32 tensors direction.N added at the output of "
+                       "0-based block N, as `llama-cli --control-vector FILE` applies them). "
+                       "llama.cpp cannot steer block 0, so a vector on layer 0 is refused: "
+                       "pass --layers without 0.")
+    p.add_argument("input")
+    p.add_argument("--format", choices=["gguf"], default="gguf")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--layers", default=None,
+                   help="export only these layers: 14, 4,8,12 or 4-20[:step]")
+    p.add_argument("--model-hint", default=None,
+                   help="GGUF model hint (default: the model type the vector was made on)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
                        "unsteered vs steered completions on the default model")
     p.add_argument("--layer", type=int, default=14)
@@ -544,7 +561,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.layers:
         vec = vec.select(parse_layers(args.layers))
     out = Path(args.output)
-    if out.suffix.lower() == ".gguf":
+    if getattr(args, "format", None) == "gguf" or out.suffix.lower() == ".gguf":
         write_gguf_control_vector(vec, out, model_hint=args.model_hint)
     elif out.suffix.lower() == ".safetensors":
         vec.save(out)
@@ -610,7 +627,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
             "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs,
-            "info": cmd_info, "convert": cmd_convert, "demo": cmd_demo}
+            "info": cmd_info, "convert": cmd_convert, "export": cmd_convert, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
