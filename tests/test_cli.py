@@ -111,7 +111,7 @@ def test_cli_errors_are_clear(capsys, tmp_path, model_dir, pairs_file):
 
 def test_help_lists_commands():
     text = build_parser().format_help()
-    for cmd in ("extract", "generate", "info", "demo"):
+    for cmd in ("extract", "generate", "info", "demo", "convert", "export", "serve"):
         assert cmd in text
 
 

@@ -224,6 +224,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="GGUF model hint (default: the model type the vector was made on)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steering",
+                       description="Serve the model over an OpenAI-compatible API "
+                       "(/v1/models, /v1/chat/completions, /v1/vectors; OpenAPI at "
+                       "/openapi.json). A request may carry `steering`: a list of {vector, coef, "
+                       "layers?, op?, positions?}, where vector names a registered vector (files "
+                       "in --vectors DIR are named by their stem). Requests that arrive together "
+                       "run as one batch, each row with its own steering. Greedy decoding only.")
+    _add_model_args(p)
+    p.add_argument("--vectors", default=None, help="directory of vector files to register")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="bind address (default loopback; 0.0.0.0 exposes it to the network)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--backend", choices=["hf"], default="hf",
+                   help="generation engine (hf: transformers; llama.cpp is not built yet)")
+    p.add_argument("--api-key", default=os.environ.get("AVEC_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $AVEC_API_KEY, or none)")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
+
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
                        "unsteered vs steered completions on the default model")
     p.add_argument("--layer", type=int, default=14)
@@ -575,6 +593,30 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from avec.serve import Engine, Limits, VectorRegistry, create_app
+    except ImportError as exc:
+        raise ValueError(f"avec serve needs the serve extra ({exc.name} is missing): "
+                         f"pip install 'avec[serve]'") from None
+    model = _load(args)
+    registry = VectorRegistry(model)
+    names = registry.load_dir(args.vectors) if args.vectors else []
+    limits = Limits(max_tokens=args.max_tokens)
+    engine = Engine(model, registry, limits)
+    app = create_app(engine, api_key=args.api_key, model_id=model.name, limits=limits)
+    _log(f"serving {model.name} on http://{args.host}:{args.port} "
+         f"({len(names)} vectors{': ' + ', '.join(names) if names else ''}; "
+         f"API key {'required' if args.api_key else 'not set'})")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    finally:
+        engine.shutdown()
+    return 0
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from avec.vector import load_vector
 
@@ -627,7 +669,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
             "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs,
-            "info": cmd_info, "convert": cmd_convert, "export": cmd_convert, "demo": cmd_demo}
+            "info": cmd_info, "convert": cmd_convert, "export": cmd_convert, "serve": cmd_serve,
+            "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,259 @@
+"""The generation engine: one worker thread owns the model and batches concurrent requests.
+
+Requests that arrive within ``batch_window_s`` of each other (up to ``max_batch``) run as one
+left-padded greedy batch. Each distinct steering entry (vector, layers, op, positions, value)
+becomes one :class:`~avec.steer.Intervention` whose per-row coefficient is the row's own
+coefficient, or 0 on rows that do not use it; a zero coefficient leaves a row bit-identical,
+so no request sees another's steering. The batch runs to the largest ``max_tokens`` among its
+rows and each row is cut at its own. Rows whose entries would need a conflicting order of
+interventions go to a separate batch. An error fails that batch's futures, never the worker.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Hashable, Sequence
+
+import torch
+
+from avec.errors import SteeringError
+from avec.generation import generate_ids
+from avec.models.model import Model
+from avec.serve.registry import VectorRegistry
+from avec.serve.schemas import SteeringSpec
+from avec.steer import Intervention, steer
+from avec.vector import SteeringVector
+
+
+@dataclass
+class Limits:
+    """Per-request limits of the server (every one is checked before generation starts)."""
+
+    max_body_bytes: int = 16 * 1024 * 1024
+    max_vector_bytes: int = 16 * 1024 * 1024
+    max_tokens: int = 512
+    default_max_tokens: int = 128
+    max_prompt_tokens: int = 4096
+    max_steering: int = 8
+    max_abs_coef: float = 1000.0
+    request_timeout_s: float = 300.0
+    max_batch: int = 16
+    batch_window_s: float = 0.005
+
+
+@dataclass(frozen=True)
+class ResolvedSteering:
+    """A validated steering entry bound to the vector object it names."""
+
+    name: str
+    vector: SteeringVector
+    coef: float
+    layers: tuple[int, ...]
+    op: str
+    positions: int | str
+    value: float
+
+    @property
+    def key(self) -> Hashable:
+        return (self.name, id(self.vector), self.layers, self.op, self.positions, self.value)
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    prompt_tokens: int
+    finish_reason: str  # "stop" (end of sequence) or "length" (hit max_tokens)
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    steering: list[ResolvedSteering]
+    max_tokens: int
+    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+
+
+class Engine:
+    """Owns ``model`` in a single worker thread; :meth:`submit` is safe from any thread."""
+
+    def __init__(self, model: Model, registry: VectorRegistry, limits: Limits | None = None
+                 ) -> None:
+        self.model = model
+        self.registry = registry
+        self.limits = limits or Limits()
+        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        self._closed = False
+        self.batches_run = 0  # number of generate_ids calls, for tests and monitoring
+        self._thread = threading.Thread(target=self._worker, name="avec-engine", daemon=True)
+        self._thread.start()
+
+    # ---- validation ------------------------------------------------------------------------
+    def resolve(self, specs: Sequence[SteeringSpec]) -> list[ResolvedSteering]:
+        """Check steering entries against the registry and the limits; raise
+        :class:`SteeringError` (or the registry's error for an unknown name) saying what is
+        wrong."""
+        if len(specs) > self.limits.max_steering:
+            raise SteeringError(f"{len(specs)} steering entries; at most "
+                                f"{self.limits.max_steering} are allowed per request")
+        out = []
+        for i, spec in enumerate(specs):
+            where = f"steering[{i}]"
+            if abs(spec.coef) > self.limits.max_abs_coef:
+                raise SteeringError(f"{where}: |coef| {abs(spec.coef)} exceeds the limit "
+                                    f"{self.limits.max_abs_coef}")
+            vec = self.registry.get(spec.vector)
+            layers = tuple(spec.layers) if spec.layers is not None else tuple(vec.layers)
+            missing = [L for L in layers if L not in vec.directions]
+            if missing:
+                raise SteeringError(f"{where}: layer(s) {missing} not in vector {spec.vector!r}, "
+                                    f"which has layers {vec.layers}")
+            if spec.op != "add" and len(vec.shape) == 2:
+                raise SteeringError(f"{where}: vector {spec.vector!r} is per-position (ActAdd) "
+                                    f"and can only be added, not {spec.op}ed")
+            if spec.op != "add" and any(float(vec[L].norm()) == 0.0 for L in layers):
+                raise SteeringError(f"{where}: cannot {spec.op} along a zero direction")
+            entry = ResolvedSteering(spec.vector, vec, float(spec.coef), layers, spec.op,
+                                     spec.positions, float(spec.value))
+            twin = next((j for j, o in enumerate(out) if o.key == entry.key), None)
+            if twin is not None:
+                raise SteeringError(f"{where} repeats steering[{twin}] (same vector, layers, op, "
+                                    f"positions); give one entry with the summed coef")
+            out.append(entry)
+        return out
+
+    # ---- API -------------------------------------------------------------------------------
+    def submit(self, prompt_ids: list[int], steering: Sequence[SteeringSpec],
+               max_tokens: int) -> concurrent.futures.Future:
+        """Queue one greedy generation; the future resolves to a :class:`GenerationResult`.
+
+        Validation errors (unknown vector, layer not in the vector, limits) raise here, before
+        anything is queued.
+        """
+        if self._closed:
+            raise RuntimeError("the engine is shut down")
+        if not prompt_ids:
+            raise SteeringError("the prompt is empty")
+        if len(prompt_ids) > self.limits.max_prompt_tokens:
+            raise SteeringError(f"the prompt has {len(prompt_ids)} tokens; the limit is "
+                                f"{self.limits.max_prompt_tokens}")
+        if not 1 <= max_tokens <= self.limits.max_tokens:
+            raise SteeringError(f"max_tokens={max_tokens}; it must be between 1 and "
+                                f"{self.limits.max_tokens}")
+        resolved = self.resolve(steering)
+        req = _Request(list(prompt_ids), resolved, int(max_tokens))
+        self._queue.put(req)
+        return req.future
+
+    def shutdown(self, timeout: float | None = 5.0) -> None:
+        """Stop the worker after the requests already queued."""
+        self._closed = True
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    # ---- worker ----------------------------------------------------------------------------
+    def _worker(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch = [first]
+            deadline = time.monotonic() + self.limits.batch_window_s
+            stop = False
+            while len(batch) < self.limits.max_batch:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                try:
+                    item = self._queue.get(timeout=remaining)
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
+            for group in _split_by_order(live):
+                self._run(group)
+            if stop:
+                return
+
+    def _run(self, batch: list[_Request]) -> None:
+        try:
+            order = _merged_order(batch)
+            assert order is not None
+            ivs = []
+            for key, entry in order:
+                coef = torch.zeros(len(batch))
+                for j, req in enumerate(batch):
+                    for s in req.steering:
+                        if s.key == key:
+                            coef[j] = s.coef
+                ivs.append(Intervention(entry.vector, coef=coef, layers=list(entry.layers),
+                                        positions=entry.positions, op=entry.op,  # type: ignore
+                                        value=entry.value))
+            longest = max(r.max_tokens for r in batch)
+            with steer(self.model, ivs) if ivs else contextlib.nullcontext():
+                rows = generate_ids(self.model, [r.prompt_ids for r in batch], longest)
+            self.batches_run += 1
+            for req, row in zip(batch, rows):
+                tokens = row[:req.max_tokens]
+                reason = "length" if len(tokens) >= req.max_tokens else "stop"
+                req.future.set_result(GenerationResult(tokens, len(req.prompt_ids), reason))
+        except Exception as exc:  # fail this batch, keep the worker alive
+            for req in batch:
+                if not req.future.done():
+                    req.future.set_exception(
+                        RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+
+def _merged_order(batch: Sequence[_Request]) -> list[tuple[Hashable, ResolvedSteering]] | None:
+    """One order of all distinct steering entries of ``batch`` that keeps every row's own
+    order, or ``None`` if the rows disagree."""
+    keys: list[Hashable] = []
+    entries: dict[Hashable, ResolvedSteering] = {}
+    for req in batch:
+        if not _insert_row(keys, [s.key for s in req.steering]):
+            return None
+        for s in req.steering:
+            entries.setdefault(s.key, s)
+    return [(k, entries[k]) for k in keys]
+
+
+def _insert_row(order: list[Hashable], row: list[Hashable]) -> bool:
+    """Merge ``row``'s keys into ``order`` in place, keeping both orders; False on conflict
+    (``order`` is then unchanged)."""
+    if len(set(row)) != len(row):
+        return False
+    trial = list(order)
+    last = -1
+    for key in row:
+        if key in trial:
+            idx = trial.index(key)
+            if idx <= last:
+                return False
+            last = idx
+        else:
+            trial.insert(last + 1, key)
+            last += 1
+    order[:] = trial
+    return True
+
+
+def _split_by_order(batch: list[_Request]) -> list[list[_Request]]:
+    """Group requests so each group's interventions can be applied in one order that respects
+    every row's order (almost always a single group)."""
+    groups: list[tuple[list[Hashable], list[_Request]]] = []
+    for req in batch:
+        keys = [s.key for s in req.steering]
+        for order, members in groups:
+            if _insert_row(order, keys):
+                members.append(req)
+                break
+        else:
+            groups.append((list(keys), [req]))  # resolve() refused repeated entries
+    return [members for _order, members in groups]
