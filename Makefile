@@ -26,6 +26,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_peers.py
 	$(PY) bench/bench_core.py
+	$(PY) bench/bench_serve.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
