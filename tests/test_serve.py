@@ -283,3 +283,25 @@ def test_uvicorn_with_openai_client(served, tiny_llama):
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+def test_tokens_stream_while_generating(served, tiny_llama):
+    """on_token sees every token of its own request (none past max_tokens, no end-of-sequence
+    token) before the request's future resolves, also when batched with other requests."""
+    engine = served[0]
+    prompt = list(tiny_llama.tokenizer("stream me", add_special_tokens=False)["input_ids"])
+    seen: list[tuple[int, bool]] = []
+    futures: list = []
+
+    def on_token(tok: int) -> None:  # before submit() returns, the future is surely not done
+        seen.append((tok, futures[0] is not None and futures[0].done()))
+
+    futures.append(None)
+    fut = engine.submit(prompt, [], 6, on_token=on_token)
+    futures[0] = fut
+    other = engine.submit(prompt, [], 12)  # a longer row in the same batch
+    result = fut.result(timeout=30)
+    other.result(timeout=30)
+    assert [t for t, _ in seen] == result.tokens
+    assert len(result.tokens) <= 6
+    assert seen and not any(done for _, done in seen)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections import defaultdict
 from dataclasses import asdict, dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -38,12 +38,15 @@ def format_prompt(model: Model, prompt: str, chat: bool | None = None) -> tuple[
 @torch.inference_mode()
 def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0,
-                 stopping_criteria: Sequence[Any] = ()) -> list[list[int]]:
+                 stopping_criteria: Sequence[Any] = (),
+                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
     """Continuation of a batch of token lists (left-padded): greedy, or sampled at
     ``temperature`` > 0 with ``seed`` (the global torch RNG is restored afterwards). Returns new
     tokens only, cut at the first end-of-sequence token. ``stopping_criteria`` are transformers
     ``StoppingCriteria`` (a row they stop is padded with end-of-sequence tokens).
     ``min_new_tokens`` suppresses end-of-sequence until that many tokens exist (benchmarks).
+    ``on_step`` (greedy only) is called with each step's new token of every row, ``[B]``, as
+    soon as it exists (streaming).
 
     Greedy decoding without stopping criteria runs avec's own loop (:func:`greedy_decode`: the
     same forward calls as ``model.generate``, without its per-step overhead); everything else
@@ -56,7 +59,10 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int,
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     input_ids, mask, _ = pad_batch(prompt_ids, tok.pad_token_id, "left", model.device)
     if temperature <= 0 and not stopping_criteria:
-        new = greedy_decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids)
+        new = greedy_decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids,
+                            on_step=on_step)
+    elif on_step is not None:
+        raise ValueError("on_step needs greedy decoding without stopping criteria")
     else:
         new = _hf_generate(model, input_ids, mask, max_new_tokens, min_new_tokens, eos,
                            temperature, seed, stopping_criteria)
@@ -88,7 +94,8 @@ def _hf_generate(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_
 @torch.inference_mode()
 def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
                   max_new_tokens: int, min_new_tokens: int = 0,
-                  eos_ids: set[int] | frozenset[int] = frozenset()) -> torch.Tensor:
+                  eos_ids: set[int] | frozenset[int] = frozenset(), *,
+                  on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """Greedy continuation ``[B, <= max_new_tokens]`` of left-padded ``input_ids``.
 
     One prompt pass (logits of the last position only), then one token per step with the KV
@@ -96,7 +103,7 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
     the forward calls ``model.generate`` makes, so steering hooks (and their position tracking)
     see the same inputs and the tokens are the same. End-of-sequence is suppressed for the first
     ``min_new_tokens`` steps; a finished row gets padding; the loop ends when every row has
-    finished.
+    finished. ``on_step(tokens)`` sees each step's ``[B]`` new tokens as they are chosen.
     """
     import inspect
 
@@ -121,6 +128,8 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
         if pad is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)
+        if on_step is not None:
+            on_step(nxt)
         if eos.numel():
             finished |= torch.isin(nxt, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):

@@ -4,9 +4,10 @@ Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions
 ``GET/POST /v1/vectors``, ``GET/DELETE /v1/vectors/{name}``; the OpenAPI schema is at
 ``/openapi.json``. Every error is a JSON body ``{"error": {"message", "type", ...}}``.
 
-Streaming (``stream: true``) in this first slice sends the finished completion as
-Server-Sent Events chunks after generation has ended (OpenAI chunk format, ending with
-``data: [DONE]``); tokens are not yet sent while they are generated.
+Streaming (``stream: true``) sends Server-Sent Events in the OpenAI chunk format while the
+tokens are generated (the engine hands each new token to the request as its batch step ends),
+ending with ``data: [DONE]``; an error after the stream has started arrives as a
+``data: {"error": ...}`` event.
 """
 
 from __future__ import annotations
@@ -180,12 +181,24 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
         if len(ids) > limits.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the limit is "
                            f"{limits.max_prompt_tokens}", param="messages")
+        tokens: asyncio.Queue[int | None] = asyncio.Queue()
+        loop = asyncio.get_running_loop()
+        on_token = (lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)) \
+            if req.stream else None
         try:
-            future = engine.submit(ids, req.steering or [], max_tokens)
+            future = engine.submit(ids, req.steering or [], max_tokens, on_token=on_token)
         except RegistryError as exc:
             raise APIError(400, str(exc), param="steering", code="unknown_vector") from None
         except AvecError as exc:
             raise APIError(400, str(exc), param="steering") from None
+        cid = f"chatcmpl-{uuid.uuid4().hex}"
+        now = int(time.time())
+        if req.stream:  # the sentinel follows every token: both go through the loop in order
+            future.add_done_callback(
+                lambda _f: loop.call_soon_threadsafe(tokens.put_nowait, None))
+            return StreamingResponse(
+                _live_sse(cid, now, req.model, model.tokenizer, tokens, future,
+                          limits.request_timeout_s), media_type="text/event-stream")
         try:
             result: GenerationResult = await asyncio.wait_for(
                 asyncio.wrap_future(future), timeout=limits.request_timeout_s)
@@ -196,11 +209,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
         except RuntimeError as exc:
             raise APIError(500, str(exc)) from None
         text = model.tokenizer.decode(result.tokens, skip_special_tokens=True)
-        cid = f"chatcmpl-{uuid.uuid4().hex}"
-        now = int(time.time())
-        if req.stream:
-            return StreamingResponse(_sse(cid, now, req.model, model.tokenizer, result),
-                                     media_type="text/event-stream")
         return {"id": cid, "object": "chat.completion", "created": now, "model": req.model,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": result.finish_reason, "logprobs": None}],
@@ -258,9 +266,12 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
     return app
 
 
-async def _sse(cid: str, created: int, model_name: str, tokenizer: Any,
-               result: GenerationResult) -> AsyncIterator[str]:
-    """OpenAI ``chat.completion.chunk`` events for a finished result, then ``[DONE]``."""
+async def _live_sse(cid: str, created: int, model_name: str, tokenizer: Any,
+                    tokens: "asyncio.Queue[int | None]", future: Any,
+                    timeout_s: float) -> AsyncIterator[str]:
+    """OpenAI ``chat.completion.chunk`` events as tokens arrive, then ``[DONE]``. Text is
+    decoded from all tokens so far and only the new part is sent, so multi-token characters
+    are never split."""
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> str:
         body = {"id": cid, "object": "chat.completion.chunk", "created": created,
@@ -269,15 +280,34 @@ async def _sse(cid: str, created: int, model_name: str, tokenizer: Any,
                              "logprobs": None}]}
         return f"data: {json.dumps(body)}\n\n"
 
+    def error(message: str, type_: str) -> str:
+        return f"data: {json.dumps({'error': {'message': message, 'type': type_}})}\n\n"
+
     yield chunk({"role": "assistant", "content": ""})
+    got: list[int] = []
     sent = ""
-    for i in range(1, len(result.tokens) + 1):
-        text = tokenizer.decode(result.tokens[:i], skip_special_tokens=True)
-        if text.endswith("\ufffd") and i < len(result.tokens):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            left = max(0.0, deadline - time.monotonic())
+            tok = await asyncio.wait_for(tokens.get(), timeout=left)
+        except asyncio.TimeoutError:
+            yield error(f"generation did not finish within {timeout_s} s", "timeout_error")
+            return
+        if tok is None:
+            break
+        got.append(tok)
+        text = tokenizer.decode(got, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
             continue  # an incomplete multi-byte character: wait for the next token
         if len(text) > len(sent) and text.startswith(sent):
             yield chunk({"content": text[len(sent):]})
             sent = text
+    exc = future.exception()
+    if exc is not None:
+        yield error(str(exc), "server_error")
+        return
+    result: GenerationResult = future.result()
     final = tokenizer.decode(result.tokens, skip_special_tokens=True)
     if final != sent and final.startswith(sent):
         yield chunk({"content": final[len(sent):]})

@@ -17,7 +17,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import torch
 
@@ -75,6 +75,7 @@ class _Request:
     prompt_ids: list[int]
     steering: list[ResolvedSteering]
     max_tokens: int
+    on_token: Callable[[int], None] | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -128,8 +129,13 @@ class Engine:
 
     # ---- API -------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], steering: Sequence[SteeringSpec],
-               max_tokens: int) -> concurrent.futures.Future:
+               max_tokens: int, on_token: Callable[[int], None] | None = None
+               ) -> concurrent.futures.Future:
         """Queue one greedy generation; the future resolves to a :class:`GenerationResult`.
+
+        ``on_token(token_id)`` is called from the worker thread with each new token of this
+        request as soon as it is generated (not the end-of-sequence token, nothing past
+        ``max_tokens``): it must be quick and must not raise.
 
         Validation errors (unknown vector, layer not in the vector, limits) raise here, before
         anything is queued.
@@ -145,7 +151,7 @@ class Engine:
             raise SteeringError(f"max_tokens={max_tokens}; it must be between 1 and "
                                 f"{self.limits.max_tokens}")
         resolved = self.resolve(steering)
-        req = _Request(list(prompt_ids), resolved, int(max_tokens))
+        req = _Request(list(prompt_ids), resolved, int(max_tokens), on_token)
         self._queue.put(req)
         return req.future
 
@@ -198,7 +204,8 @@ class Engine:
                                         value=entry.value))
             longest = max(r.max_tokens for r in batch)
             with steer(self.model, ivs) if ivs else contextlib.nullcontext():
-                rows = generate_ids(self.model, [r.prompt_ids for r in batch], longest)
+                rows = generate_ids(self.model, [r.prompt_ids for r in batch], longest,
+                                    on_step=_streamer(self.model, batch))
             self.batches_run += 1
             for req, row in zip(batch, rows):
                 tokens = row[:req.max_tokens]
@@ -209,6 +216,35 @@ class Engine:
                 if not req.future.done():
                     req.future.set_exception(
                         RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+
+def _streamer(model: Model, batch: Sequence[_Request]) -> Callable[[torch.Tensor], None] | None:
+    """The per-step callback that hands each row's new token to its request's ``on_token``,
+    up to its own ``max_tokens`` and not past its end-of-sequence token."""
+    if not any(r.on_token for r in batch):
+        return None
+    eos = model.hf.generation_config.eos_token_id
+    if eos is None:
+        eos = model.tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    sent = [0] * len(batch)
+    done = [False] * len(batch)
+
+    def on_step(tokens: torch.Tensor) -> None:
+        for j, tok in enumerate(tokens.tolist()):
+            req = batch[j]
+            if done[j] or req.on_token is None:
+                continue
+            if tok in eos_ids or sent[j] >= req.max_tokens:
+                done[j] = True
+                continue
+            sent[j] += 1
+            try:
+                req.on_token(tok)
+            except Exception:  # a broken listener must not fail the other rows of the batch
+                done[j] = True
+
+    return on_step
 
 
 def _merged_order(batch: Sequence[_Request]) -> list[tuple[Hashable, ResolvedSteering]] | None:
