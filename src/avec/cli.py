@@ -37,6 +37,17 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")
 
 
+def _add_vector_io_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by `convert` and `export`."""
+    p.add_argument("input")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--layers", default=None,
+                   help="keep only these layers: 14, 4,8,12 or 4-20[:step]")
+    p.add_argument("--model-hint", default=None,
+                   help="GGUF model hint (default: the model type the vector was made on)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="avec", description="Activation engineering: build steering vectors from contrast "
@@ -199,13 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a vector file. INPUT and OUTPUT are .safetensors "
                        "(avec) or .gguf (llama.cpp --control-vector, repeng export_gguf). Layer "
                        "L stays layer L: the output of block L in all three tools.")
-    p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--layers", default=None,
-                   help="keep only these layers: 14, 4,8,12 or 4-20[:step]")
-    p.add_argument("--model-hint", default=None,
-                   help="GGUF model hint (default: the model type the vector was made on)")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_vector_io_args(p)
 
     p = sub.add_parser("export", help="export a vector for another engine: --format gguf writes "
                        "a llama.cpp control vector",
@@ -215,14 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "0-based block N, as `llama-cli --control-vector FILE` applies them). "
                        "llama.cpp cannot steer block 0, so a vector on layer 0 is refused: "
                        "pass --layers without 0.")
-    p.add_argument("input")
+    _add_vector_io_args(p)
     p.add_argument("--format", choices=["gguf"], default="gguf")
-    p.add_argument("-o", "--output", required=True)
-    p.add_argument("--layers", default=None,
-                   help="export only these layers: 14, 4,8,12 or 4-20[:step]")
-    p.add_argument("--model-hint", default=None,
-                   help="GGUF model hint (default: the model type the vector was made on)")
-    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with per-request steering",
                        description="Serve the model over an OpenAI-compatible API "
