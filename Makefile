@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.avec-installed
 
-.PHONY: demo test setup bench clean
+.PHONY: demo test setup bench clean browser
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/avec demo
 
-test: $(STAMP)
+# the playground's browser test drives Debian's Chromium (no browser download from the web)
+browser:
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
+	  || { echo "could not install chromium: run 'apt-get install chromium' as root"; exit 1; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest -q
 
 bench: $(STAMP)

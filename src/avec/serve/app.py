@@ -1,6 +1,6 @@
 """The FastAPI app: OpenAI-compatible chat completions with per-request steering.
 
-Routes: ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
+Routes: ``GET /`` (the web playground), ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
 ``GET/POST /v1/vectors``, ``GET/DELETE /v1/vectors/{name}``; the OpenAPI schema is at
 ``/openapi.json``. Every error is a JSON body ``{"error": {"message", "type", ...}}``.
 
@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from avec.errors import AvecError
@@ -29,7 +29,8 @@ from avec.serve.engine import Engine, GenerationResult, Limits
 from avec.serve.registry import RegistryError, describe
 from avec.serve.schemas import ChatCompletionRequest
 
-OPEN_PATHS = frozenset({"/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
+# the playground page holds no data (it asks for the key itself) and the schema is public
+OPEN_PATHS = frozenset({"/", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc"})
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error",
                404: "not_found_error", 405: "invalid_request_error", 409: "conflict_error",
                411: "invalid_request_error", 413: "request_too_large",
@@ -143,6 +144,14 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
             raise APIError(404, f"model {name!r} does not exist; this server serves "
                            f"{model_id!r} (or use 'default')", param="model",
                            code="model_not_found")
+
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def playground() -> HTMLResponse:
+        """The web playground: unsteered vs steered completions, streamed (no external
+        resources, works offline)."""
+        from importlib.resources import files
+
+        return HTMLResponse(files("avec.serve").joinpath("playground.html").read_text("utf-8"))
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
