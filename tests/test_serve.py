@@ -193,15 +193,18 @@ def test_bad_uploads_rejected(client, tiny_llama, tmp_path):
 
 
 def test_concurrent_requests_are_isolated(client, served, tiny_llama):
-    """40 concurrent requests over 4 steering settings (and none), different prompts and
-    max_tokens: each equals its own row generated alone; the engine batched them."""
+    """200 concurrent requests over 8 steering settings (7 steered, one not; adds, an ablation,
+    layer subsets, generated-only positions), different prompts and max_tokens: each equals
+    its own row generated alone; the engine batched them."""
     engine = served[0]
     settings = [[{"vector": "v0", "coef": 8.0}], [{"vector": "v1", "coef": -6.0}],
                 [{"vector": "v2", "coef": 5.0, "layers": [1]}],
                 [{"vector": "v3", "coef": 1.0, "op": "ablate"}, {"vector": "v0", "coef": 3.0}],
-                []]
+                [], [{"vector": "v0", "coef": -4.0}], [{"vector": "v1", "coef": 2.0,
+                                                         "positions": "generated"}],
+                [{"vector": "v3", "coef": 7.0, "layers": [2]}]]
     prompts = ["hello", "a long prompt here", "hi", "mid size one"]
-    jobs = [(prompts[i % 4], settings[i % 5], 4 + i % 9) for i in range(40)]
+    jobs = [(prompts[i % 4], settings[i % 8], 4 + i % 9) for i in range(200)]
     before = engine.batches_run
 
     def run(job):
@@ -209,9 +212,9 @@ def test_concurrent_requests_are_isolated(client, served, tiny_llama):
         out = chat(client, content, steering=steering, max_tokens=max_tokens)
         return out["choices"][0]["message"]["content"]
 
-    with ThreadPoolExecutor(max_workers=40) as pool:
+    with ThreadPoolExecutor(max_workers=64) as pool:
         got = list(pool.map(run, jobs))
-    assert engine.batches_run - before < 40  # requests shared batches
+    assert engine.batches_run - before < 100  # requests shared batches
     want = [reference(tiny_llama, engine.registry, c, m, s) for c, s, m in jobs]
     assert got == want
     assert len(set(got)) > 5  # the settings really differ
