@@ -116,7 +116,8 @@ def test_plain_and_steered_completion(client, served, tiny_llama):
     ({"steering": [{"vector": "v0", "coef": 1.0}] * 2}, 400, "repeats steering[0]"),
     ({"max_tokens": 10_000}, 400, "limit of 32"),
     ({"max_tokens": 0}, 400, "max_tokens"),
-    ({"temperature": 0.7}, 400, "only greedy decoding"),
+    ({"top_p": 0.5}, 400, "nucleus sampling is not supported"),
+    ({"temperature": 5}, 400, "temperature"),
     ({"model": "gpt-4"}, 404, "does not exist"),
     ({"messages": []}, 400, "messages"),
 ])
@@ -308,3 +309,24 @@ def test_tokens_stream_while_generating(served, tiny_llama):
     assert [t for t, _ in seen] == result.tokens
     assert len(result.tokens) <= 6
     assert seen and not any(done for _, done in seen)
+
+
+def test_sampling_is_seeded_per_request(client, served, tiny_llama):
+    """temperature > 0 samples with the request's own seeded generator: the same seed gives the
+    same text alone or batched with other requests, other seeds give other texts, and greedy
+    requests in the same batch are unaffected."""
+    body = {"content": "hello", "max_tokens": 12, "temperature": 1.5}
+    solo = chat(client, **body, seed=7)["choices"][0]["message"]["content"]
+    assert chat(client, **body, seed=7)["choices"][0]["message"]["content"] == solo
+    others = {chat(client, **body, seed=s)["choices"][0]["message"]["content"]
+              for s in range(8, 12)}
+    assert len(others | {solo}) > 1
+    greedy = chat(client, "hello", max_tokens=12)["choices"][0]["message"]["content"]
+    jobs = [dict(body, seed=7), {"content": "hello", "max_tokens": 12},
+            dict(body, seed=9, steering=[{"vector": "v0", "coef": 3.0}])] * 4
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        got = list(pool.map(lambda kw: chat(client, **kw)["choices"][0]["message"]["content"],
+                            jobs))
+    assert got[0::3] == [solo] * 4
+    assert got[1::3] == [greedy] * 4
+    assert len(set(got[2::3])) == 1

@@ -229,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "/openapi.json). A request may carry `steering`: a list of {vector, coef, "
                        "layers?, op?, positions?}, where vector names a registered vector (files "
                        "in --vectors DIR are named by their stem). Requests that arrive together "
-                       "run as one batch, each row with its own steering. Greedy decoding only. The web "
+                       "run as one batch, each row with its own steering. Greedy by default; temperature "
+                       "> 0 samples, reproducibly with seed (top_p is not supported). The web "
                        "playground (unsteered vs steered, streamed) is at /.")
     _add_model_args(p)
     p.add_argument("--vectors", default=None, help="directory of vector files to register")

@@ -39,14 +39,17 @@ def format_prompt(model: Model, prompt: str, chat: bool | None = None) -> tuple[
 def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int, *,
                  temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0,
                  stopping_criteria: Sequence[Any] = (),
-                 on_step: Callable[[torch.Tensor], None] | None = None) -> list[list[int]]:
+                 on_step: Callable[[torch.Tensor], None] | None = None,
+                 row_sampling: Sequence[RowSampling | None] | None = None) -> list[list[int]]:
     """Continuation of a batch of token lists (left-padded): greedy, or sampled at
     ``temperature`` > 0 with ``seed`` (the global torch RNG is restored afterwards). Returns new
     tokens only, cut at the first end-of-sequence token. ``stopping_criteria`` are transformers
     ``StoppingCriteria`` (a row they stop is padded with end-of-sequence tokens).
     ``min_new_tokens`` suppresses end-of-sequence until that many tokens exist (benchmarks).
-    ``on_step`` (greedy only) is called with each step's new token of every row, ``[B]``, as
-    soon as it exists (streaming).
+    ``on_step`` (avec's loop only) is called with each step's new token of every row, ``[B]``,
+    as soon as it exists (streaming). ``row_sampling`` (avec's loop only) samples some rows:
+    one :class:`RowSampling` (temperature and a seeded generator of that row's own) or ``None``
+    (greedy) per row, so a row's tokens do not depend on the rest of the batch's randomness.
 
     Greedy decoding without stopping criteria runs avec's own loop (:func:`greedy_decode`: the
     same forward calls as ``model.generate``, without its per-step overhead); everything else
@@ -60,9 +63,10 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int,
     input_ids, mask, _ = pad_batch(prompt_ids, tok.pad_token_id, "left", model.device)
     if temperature <= 0 and not stopping_criteria:
         new = greedy_decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids,
-                            on_step=on_step)
-    elif on_step is not None:
-        raise ValueError("on_step needs greedy decoding without stopping criteria")
+                            on_step=on_step, row_sampling=row_sampling)
+    elif on_step is not None or row_sampling is not None:
+        raise ValueError("on_step and row_sampling need temperature 0 (per-row sampling "
+                         "replaces it) and no stopping criteria")
     else:
         new = _hf_generate(model, input_ids, mask, max_new_tokens, min_new_tokens, eos,
                            temperature, seed, stopping_criteria)
@@ -91,11 +95,36 @@ def _hf_generate(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_
     return out[:, input_ids.shape[1]:]
 
 
+@dataclass
+class RowSampling:
+    """Sampling of one batch row: ``softmax(logits / temperature)`` drawn with ``generator``
+    (seed it for reproducible text)."""
+
+    temperature: float
+    generator: torch.Generator
+
+    def __post_init__(self) -> None:
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 to sample, got {self.temperature}")
+
+
+def _choose(logits: torch.Tensor, row_sampling: Sequence[RowSampling | None] | None
+            ) -> torch.Tensor:
+    nxt = logits.argmax(-1)
+    if row_sampling:
+        for j, rs in enumerate(row_sampling):
+            if rs is not None:
+                probs = torch.softmax(logits[j].float() / rs.temperature, dim=-1)
+                nxt[j] = torch.multinomial(probs.cpu(), 1, generator=rs.generator).item()
+    return nxt
+
+
 @torch.inference_mode()
 def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
                   max_new_tokens: int, min_new_tokens: int = 0,
                   eos_ids: set[int] | frozenset[int] = frozenset(), *,
-                  on_step: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+                  on_step: Callable[[torch.Tensor], None] | None = None,
+                  row_sampling: Sequence[RowSampling | None] | None = None) -> torch.Tensor:
     """Greedy continuation ``[B, <= max_new_tokens]`` of left-padded ``input_ids``.
 
     One prompt pass (logits of the last position only), then one token per step with the KV
@@ -104,7 +133,12 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
     see the same inputs and the tokens are the same. End-of-sequence is suppressed for the first
     ``min_new_tokens`` steps; a finished row gets padding; the loop ends when every row has
     finished. ``on_step(tokens)`` sees each step's ``[B]`` new tokens as they are chosen.
+    ``row_sampling`` samples the rows that have a :class:`RowSampling` instead of taking the
+    argmax.
     """
+    if row_sampling is not None and len(row_sampling) != input_ids.shape[0]:
+        raise ValueError(f"{len(row_sampling)} row_sampling entries for a batch of "
+                         f"{input_ids.shape[0]} rows")
     import inspect
 
     if max_new_tokens <= 0:
@@ -124,7 +158,7 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
         if step < min_new_tokens and eos.numel():
             logits = logits.clone()
             logits[:, eos] = -float("inf")
-        nxt = logits.argmax(-1)
+        nxt = _choose(logits, row_sampling)
         if pad is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)

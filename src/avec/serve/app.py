@@ -1,7 +1,7 @@
 """The FastAPI app: OpenAI-compatible chat completions with per-request steering.
 
-Routes: ``GET /`` (the web playground), ``GET /v1/models``, ``GET /v1/models/{id}``, ``POST /v1/chat/completions``,
-``GET/POST /v1/vectors``, ``GET/DELETE /v1/vectors/{name}``; the OpenAPI schema is at
+Routes: ``GET /`` (the web playground), ``GET /v1/models``, ``GET /v1/models/{id}``,
+``POST /v1/chat/completions``, ``GET/POST /v1/vectors``, ``GET/DELETE /v1/vectors/{name}``; the OpenAPI schema is at
 ``/openapi.json``. Every error is a JSON body ``{"error": {"message", "type", ...}}``.
 
 Streaming (``stream: true``) sends Server-Sent Events in the OpenAI chunk format while the
@@ -174,10 +174,9 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest) -> Any:
         check_model(req.model)
-        if req.temperature not in (None, 0):
-            raise APIError(400, f"temperature={req.temperature}: only greedy decoding is "
-                           f"supported for now; omit temperature or set it to 0",
-                           param="temperature")
+        if req.top_p not in (None, 1):
+            raise APIError(400, f"top_p={req.top_p}: nucleus sampling is not supported; omit "
+                           f"top_p (or set 1) and use temperature", param="top_p")
         if req.n not in (None, 1):
             raise APIError(400, f"n={req.n}: only one choice per request is supported",
                            param="n")
@@ -195,7 +194,8 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
         on_token = (lambda t: loop.call_soon_threadsafe(tokens.put_nowait, t)) \
             if req.stream else None
         try:
-            future = engine.submit(ids, req.steering or [], max_tokens, on_token=on_token)
+            future = engine.submit(ids, req.steering or [], max_tokens, on_token=on_token,
+                                   temperature=req.temperature or 0.0, seed=req.seed)
         except RegistryError as exc:
             raise APIError(400, str(exc), param="steering", code="unknown_vector") from None
         except AvecError as exc:

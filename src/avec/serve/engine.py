@@ -1,8 +1,8 @@
 """The generation engine: one worker thread owns the model and batches concurrent requests.
 
 Requests that arrive within ``batch_window_s`` of each other (up to ``max_batch``) run as one
-left-padded greedy batch. Each distinct steering entry (vector, layers, op, positions, value)
-becomes one :class:`~avec.steer.Intervention` whose per-row coefficient is the row's own
+left-padded batch (greedy, or sampled per row with its own seeded generator). Each distinct
+steering entry (vector, layers, op, positions, value) becomes one :class:`~avec.steer.Intervention` whose per-row coefficient is the row's own
 coefficient, or 0 on rows that do not use it; a zero coefficient leaves a row bit-identical,
 so no request sees another's steering. The batch runs to the largest ``max_tokens`` among its
 rows and each row is cut at its own. Rows whose entries would need a conflicting order of
@@ -22,7 +22,7 @@ from typing import Callable, Hashable, Sequence
 import torch
 
 from avec.errors import SteeringError
-from avec.generation import generate_ids
+from avec.generation import RowSampling, generate_ids
 from avec.models.model import Model
 from avec.serve.registry import VectorRegistry
 from avec.serve.schemas import SteeringSpec
@@ -76,6 +76,7 @@ class _Request:
     steering: list[ResolvedSteering]
     max_tokens: int
     on_token: Callable[[int], None] | None = None
+    sampling: RowSampling | None = None
     future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
 
 
@@ -129,13 +130,17 @@ class Engine:
 
     # ---- API -------------------------------------------------------------------------------
     def submit(self, prompt_ids: list[int], steering: Sequence[SteeringSpec],
-               max_tokens: int, on_token: Callable[[int], None] | None = None
+               max_tokens: int, on_token: Callable[[int], None] | None = None,
+               temperature: float = 0.0, seed: int | None = None
                ) -> concurrent.futures.Future:
-        """Queue one greedy generation; the future resolves to a :class:`GenerationResult`.
+        """Queue one generation (greedy unless ``temperature`` > 0); the future resolves to a
+        :class:`GenerationResult`.
 
         ``on_token(token_id)`` is called from the worker thread with each new token of this
         request as soon as it is generated (not the end-of-sequence token, nothing past
-        ``max_tokens``): it must be quick and must not raise.
+        ``max_tokens``): it must be quick and must not raise. ``temperature`` > 0 samples
+        this request's row with a generator of its own, seeded with ``seed`` (random if None),
+        so the same seed gives the same text whatever else shares the batch.
 
         Validation errors (unknown vector, layer not in the vector, limits) raise here, before
         anything is queued.
@@ -151,7 +156,15 @@ class Engine:
             raise SteeringError(f"max_tokens={max_tokens}; it must be between 1 and "
                                 f"{self.limits.max_tokens}")
         resolved = self.resolve(steering)
-        req = _Request(list(prompt_ids), resolved, int(max_tokens), on_token)
+        sampling = None
+        if temperature > 0:
+            gen = torch.Generator()
+            if seed is None:
+                gen.seed()
+            else:
+                gen.manual_seed(int(seed))
+            sampling = RowSampling(float(temperature), gen)
+        req = _Request(list(prompt_ids), resolved, int(max_tokens), on_token, sampling)
         self._queue.put(req)
         return req.future
 
@@ -204,8 +217,10 @@ class Engine:
                                         value=entry.value))
             longest = max(r.max_tokens for r in batch)
             with steer(self.model, ivs) if ivs else contextlib.nullcontext():
+                sampling = [r.sampling for r in batch]
                 rows = generate_ids(self.model, [r.prompt_ids for r in batch], longest,
-                                    on_step=_streamer(self.model, batch))
+                                    on_step=_streamer(self.model, batch),
+                                    row_sampling=sampling if any(sampling) else None)
             self.batches_run += 1
             for req, row in zip(batch, rows):
                 tokens = row[:req.max_tokens]

@@ -64,7 +64,8 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(BaseModel):
     """``POST /v1/chat/completions``. Unknown OpenAI fields are ignored; avec adds
-    ``steering``. Decoding is greedy: ``temperature`` must be absent or 0."""
+    ``steering``. ``temperature`` absent or 0 decodes greedily; above 0 samples, reproducibly
+    with ``seed``."""
 
     model_config = ConfigDict(extra="ignore")
 
@@ -72,7 +73,9 @@ class ChatCompletionRequest(BaseModel):
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    seed: int | None = None
     n: int | None = None
     stream: bool = False
     steering: list[SteeringSpec] | None = None
