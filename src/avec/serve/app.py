@@ -2,7 +2,8 @@
 
 Routes: ``GET /`` (the web playground), ``GET /v1/models``, ``GET /v1/models/{id}``,
 ``POST /v1/chat/completions``, ``GET/POST /v1/vectors``, ``GET/DELETE /v1/vectors/{name}``;
-the OpenAPI schema is at ``/openapi.json``. Every error is a JSON body ``{"error": {"message", "type", ...}}``.
+the OpenAPI schema is at ``/openapi.json``. Every error is a JSON body
+``{"error": {"message", "type", ...}}``.
 
 Streaming (``stream: true``) sends Server-Sent Events in the OpenAI chunk format while the
 tokens are generated (the engine hands each new token to the request as its batch step ends),
