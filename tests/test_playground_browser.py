@@ -5,12 +5,10 @@ A screenshot is saved to ``artifacts/playground.png``."""
 from __future__ import annotations
 
 import shutil
-import socket
-import threading
-import time
 from pathlib import Path
 
 import pytest
+from conftest import live_server
 
 from avec.data.demo import DEMO_PAIRS
 from avec.extract import extract
@@ -31,52 +29,46 @@ def chromium_path() -> str:
 
 @pytest.mark.real_model
 def test_playground_in_chromium(real_model):
-    import uvicorn
-    from playwright.sync_api import sync_playwright
-
     from avec.serve import Engine, Limits, VectorRegistry, create_app
 
     registry = VectorRegistry(real_model)
     registry.put("ocean", extract(real_model, DEMO_PAIRS, [14]))
     engine = Engine(real_model, registry, Limits(max_tokens=64))
     app = create_app(engine, api_key="k3y", model_id=real_model.name)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
     try:
-        deadline = time.monotonic() + 15
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        with live_server(app) as url:
+            plain, steered = browse(url, real_model.name)
+    finally:
+        engine.shutdown()
+    assert plain and steered and plain != steered
+    assert any(w in steered.lower() for w in ("ocean", "sea", "shore", "wave", "beach"))
+
+
+def browse(url: str, model_name: str) -> tuple[str, str]:
+    """Drive the page like a user; return the unsteered and steered texts it shows."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_FLAGS)
+        try:
             page = browser.new_page(viewport={"width": 1100, "height": 700})
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{url}/")
             assert "avec playground" in page.title()
             page.wait_for_function("document.getElementById('error').textContent.length > 0")
             assert "API key" in page.inner_text("#error")  # the key is required and asked for
             page.fill("#key", "k3y")
             page.dispatch_event("#key", "change")
             page.wait_for_selector("#vector option[value=ocean]", state="attached")
-            assert real_model.name in page.inner_text("#model")
+            assert model_name in page.inner_text("#model")
             page.fill("#prompt", "Tell me about your day.")
             page.fill("#max", "24")
             page.click("#go")
             page.wait_for_function("!document.getElementById('go').disabled && "
                                    "document.getElementById('steered').textContent.length > 0",
                                    timeout=60_000)
-            plain, steered = page.inner_text("#plain"), page.inner_text("#steered")
             ARTIFACTS.mkdir(exist_ok=True)
             page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
             assert page.inner_text("#error") == ""
+            return page.inner_text("#plain"), page.inner_text("#steered")
+        finally:
             browser.close()
-        assert plain and steered and plain != steered
-        assert any(w in steered.lower() for w in ("ocean", "sea", "shore", "wave", "beach"))
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        engine.shutdown()

@@ -6,9 +6,6 @@ from __future__ import annotations
 import io
 import json
 import pickle
-import socket
-import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,6 +13,8 @@ import torch
 
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
+
+from conftest import live_server  # noqa: E402
 
 from avec.generation import generate_ids  # noqa: E402
 from avec.serve import Engine, Limits, VectorRegistry, create_app  # noqa: E402
@@ -237,26 +236,10 @@ def test_engine_survives_a_failing_batch(served, monkeypatch):
     assert len(engine.submit([1, 2, 3], [], 4).result(timeout=10).tokens) <= 4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_uvicorn_with_openai_client(served, tiny_llama):
     openai = pytest.importorskip("openai")
-    uvicorn = pytest.importorskip("uvicorn")
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(served[1], host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 10
-        while not server.started:
-            assert time.monotonic() < deadline, "uvicorn did not start"
-            time.sleep(0.02)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=KEY,
+    with live_server(served[1]) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY,
                                max_retries=0, timeout=30)
         assert [m.id for m in client.models.list().data] == [MODEL_ID]
         messages = [{"role": "user", "content": "hello"}]
@@ -282,11 +265,8 @@ def test_uvicorn_with_openai_client(served, tiny_llama):
                                            extra_body={"steering": [{"vector": "x",
                                                                      "coef": 1.0}]})
         with pytest.raises(openai.AuthenticationError):
-            openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong",
+            openai.OpenAI(base_url=f"{url}/v1", api_key="wrong",
                           max_retries=0).models.list()
-    finally:
-        server.should_exit = True
-        thread.join(10)
 
 
 def test_tokens_stream_while_generating(served, tiny_llama):
