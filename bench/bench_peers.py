@@ -77,10 +77,15 @@ def pythons() -> dict[str, Path]:
 
 
 # ---- the shared inputs ---------------------------------------------------------------------
-def build_spec(model: avec.Model, vector_file: Path, n_ab: int) -> dict[str, Any]:
+def refusal_pairs(n: int = 256) -> list[tuple[str, str]]:
+    """(harmful, harmless) instruction pairs: the first ``n`` of refusal/*_train.json."""
     harmful = json.loads((DATA / "refusal" / "harmful_train.json").read_text())
     harmless = json.loads((DATA / "refusal" / "harmless_train.json").read_text())
-    pairs = [[a["instruction"], b["instruction"]] for a, b in zip(harmful, harmless)][:256]
+    return [(a["instruction"], b["instruction"]) for a, b in zip(harmful, harmless)][:n]
+
+
+def build_spec(model: avec.Model, vector_file: Path, n_ab: int,
+               pairs: list[tuple[str, str]]) -> dict[str, Any]:
     items = []
     for it in load_ab_items(DATA / "caa" / "refusal" / "test_dataset_ab.json")[:n_ab]:
         prefix, suffix = split_prompt(model, it.question, chat=True)
@@ -93,7 +98,7 @@ def build_spec(model: avec.Model, vector_file: Path, n_ab: int) -> dict[str, Any
         "model_dir": str(Path(model.hf.config._name_or_path)),
         "pad_id": model.tokenizer.pad_token_id, "threads": 2,
         "extract_batch": 32, "ab_batch": 8,
-        "pairs": pairs,
+        "pairs": [list(p) for p in pairs],
         "extract": [{"pairs": 32, "layers": [LAYER]}, {"pairs": 32, "layers": LAYERS_12},
                     {"pairs": 256, "layers": [LAYER]}, {"pairs": 256, "layers": LAYERS_12}],
         "vector_file": str(vector_file),
@@ -381,13 +386,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(args.keep or tmp)
         work.mkdir(parents=True, exist_ok=True)
-        vector = avec.extract(model, [avec.ContrastPair(a["instruction"], b["instruction"])
-                                      for a, b in zip(
-            json.loads((DATA / "refusal" / "harmful_train.json").read_text()),
-            json.loads((DATA / "refusal" / "harmless_train.json").read_text()))][:256],
-            list(range(model.n_layers)))
+        pairs = refusal_pairs()
+        vector = avec.extract(model, [avec.ContrastPair(a, b) for a, b in pairs],
+                              list(range(model.n_layers)))
         vector_file = vector.save(work / "steer_vector.safetensors")
-        spec = build_spec(model, vector_file, args.ab_questions)
+        spec = build_spec(model, vector_file, args.ab_questions, pairs)
         spec["model_dirs"] = {"steering-vectors": str(transformers4_model_dir(
             Path(spec["model_dir"]), work))}
         if args.quick:

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.activations import pad_batch
-from avec.models.model import Model
+from avec.models.model import Model, cache_kwarg, eos_token_ids, output_cache
 from avec.steer import Intervention, Op, Positions, steer
 from avec.vector import SteeringVector
 
@@ -51,25 +51,22 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int,
     one :class:`RowSampling` (temperature and a seeded generator of that row's own) or ``None``
     (greedy) per row, so a row's tokens do not depend on the rest of the batch's randomness.
 
-    Greedy decoding without stopping criteria runs avec's own loop (:func:`greedy_decode`: the
-    same forward calls as ``model.generate``, without its per-step overhead); everything else
-    goes through ``model.generate``.
+    Greedy decoding (and per-row sampling) without stopping criteria runs avec's own loop
+    (:func:`decode`: the same forward calls as ``model.generate``, without its per-step
+    overhead); everything else goes through ``model.generate``.
     """
-    tok = model.tokenizer
-    eos = model.hf.generation_config.eos_token_id
-    if eos is None:
-        eos = tok.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
-    input_ids, mask, _ = pad_batch(prompt_ids, tok.pad_token_id, "left", model.device)
+    eos_ids = eos_token_ids(model)
+    input_ids, mask, _ = pad_batch(prompt_ids, model.tokenizer.pad_token_id, "left",
+                                   model.device)
     if temperature <= 0 and not stopping_criteria:
-        new = greedy_decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids,
-                            on_step=on_step, row_sampling=row_sampling)
+        new = decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids,
+                     on_step=on_step, row_sampling=row_sampling)
     elif on_step is not None or row_sampling is not None:
         raise ValueError("on_step and row_sampling need temperature 0 (per-row sampling "
                          "replaces it) and no stopping criteria")
     else:
-        new = _hf_generate(model, input_ids, mask, max_new_tokens, min_new_tokens, eos,
-                           temperature, seed, stopping_criteria)
+        new = _hf_generate(model, input_ids, mask, max_new_tokens, min_new_tokens,
+                           sorted(eos_ids) or None, temperature, seed, stopping_criteria)
     results = []
     for row in new.tolist():
         cut = next((i for i, t in enumerate(row) if t in eos_ids), len(row))
@@ -120,12 +117,12 @@ def _choose(logits: torch.Tensor, row_sampling: Sequence[RowSampling | None] | N
 
 
 @torch.inference_mode()
-def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
-                  max_new_tokens: int, min_new_tokens: int = 0,
-                  eos_ids: set[int] | frozenset[int] = frozenset(), *,
-                  on_step: Callable[[torch.Tensor], None] | None = None,
-                  row_sampling: Sequence[RowSampling | None] | None = None) -> torch.Tensor:
-    """Greedy continuation ``[B, <= max_new_tokens]`` of left-padded ``input_ids``.
+def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
+           min_new_tokens: int = 0, eos_ids: set[int] | frozenset[int] = frozenset(), *,
+           on_step: Callable[[torch.Tensor], None] | None = None,
+           row_sampling: Sequence[RowSampling | None] | None = None) -> torch.Tensor:
+    """Continuation ``[B, <= max_new_tokens]`` of left-padded ``input_ids``: greedy, or sampled
+    for the rows ``row_sampling`` names.
 
     One prompt pass (logits of the last position only), then one token per step with the KV
     cache, position ids counted over real tokens and the attention mask growing by one column:
@@ -136,17 +133,17 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
     ``row_sampling`` samples the rows that have a :class:`RowSampling` instead of taking the
     argmax.
     """
+    import inspect
+
     if row_sampling is not None and len(row_sampling) != input_ids.shape[0]:
         raise ValueError(f"{len(row_sampling)} row_sampling entries for a batch of "
                          f"{input_ids.shape[0]} rows")
-    import inspect
-
     if max_new_tokens <= 0:
         return input_ids.new_zeros((input_ids.shape[0], 0))
     hf = model.hf
-    params = inspect.signature(hf.forward).parameters
-    cache_name = "cache" if "cache" in params else "past_key_values"
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    cache_name = cache_kwarg(model)
+    keep = {"logits_to_keep": 1} \
+        if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
     pad = model.tokenizer.pad_token_id
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -168,7 +165,7 @@ def greedy_decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor,
             finished |= torch.isin(nxt, eos)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
-        cache = out[cache_name] if cache_name in out else out["past_key_values"]
+        cache = output_cache(out)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
         pos = pos[:, -1:] + 1
         out = hf(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,

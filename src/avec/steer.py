@@ -85,6 +85,20 @@ class Intervention:
     def is_noop(self) -> bool:
         return isinstance(self.coef, (int, float)) and float(self.coef) == 0.0
 
+    def check_layer(self, layer: int) -> None:
+        """Raise if this intervention cannot act on its vector's direction at ``layer``: a
+        per-position (ActAdd) block can only be added, a direction must be ``[d]`` or
+        ``[T, d]``, and ablate/clamp need a nonzero direction."""
+        direction = self.vector[layer]
+        if direction.dim() == 2 and self.op != "add":
+            raise SteeringError(f"a per-position (ActAdd) vector can only be added, not "
+                                f"{self.op}ed")
+        if direction.dim() not in (1, 2):
+            raise SteeringError(f"a language-model direction must be [d] or [T, d], got "
+                                f"shape {tuple(direction.shape)}")
+        if self.op != "add" and float(direction.float().norm()) == 0.0:
+            raise SteeringError(f"cannot {self.op} along a zero direction (layer {layer})")
+
     def value_at(self, layer: int) -> float:
         if isinstance(self.value, dict):
             if layer not in self.value:
@@ -233,15 +247,8 @@ def steer(model: Model,
         if iv.is_noop:
             continue
         for layer in iv.layers or []:
+            iv.check_layer(layer)
             direction = iv.vector[layer].to(model.device, model.dtype)
-            if direction.dim() == 2 and iv.op != "add":
-                raise SteeringError(f"a per-position (ActAdd) vector can only be added, not "
-                                    f"{iv.op}ed")
-            if direction.dim() not in (1, 2):
-                raise SteeringError(f"a language-model direction must be [d] or [T, d], got "
-                                    f"shape {tuple(direction.shape)}")
-            if iv.op != "add" and float(direction.float().norm()) == 0.0:
-                raise SteeringError(f"cannot {iv.op} along a zero direction (layer {layer})")
             plans.setdefault(layer, _LayerPlan()).ops.append(
                 (iv, direction, _static_delta(iv, direction)))
     state = _PositionState()

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import copy
-import inspect
 from typing import Any
 
 import torch
 
 from avec.activations import pad_batch
-from avec.models.model import Model
-
-
-def cache_kwarg(model: Model) -> str:
-    """Name of the KV-cache argument of the model's forward (``cache`` in transformers 5)."""
-    params = inspect.signature(model.hf.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+from avec.models.model import Model, cache_kwarg, output_cache
 
 
 @torch.inference_mode()
@@ -23,8 +16,7 @@ def prefix_cache(model: Model, prefixes: list[list[int]]) -> tuple[Any, torch.Te
     """Run left-padded prefixes once; return ``(cache, attention_mask)``."""
     ids, mask, pos = pad_batch(prefixes, model.tokenizer.pad_token_id, "left", model.device)
     out = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache = out["cache"] if "cache" in out else out["past_key_values"]
-    return cache, mask
+    return output_cache(out), mask
 
 
 @torch.inference_mode()

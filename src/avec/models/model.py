@@ -109,3 +109,26 @@ class Model:
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Tokenize texts as given (special tokens the tokenizer adds by default included)."""
         return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+
+def cache_kwarg(model: Model) -> str:
+    """Name of the KV-cache argument of the model's forward (``cache`` in transformers 5,
+    ``past_key_values`` before)."""
+    import inspect
+
+    params = inspect.signature(model.hf.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass with ``use_cache=True`` returned (either name)."""
+    return out["cache"] if "cache" in out else out["past_key_values"]
+
+
+def eos_token_ids(model: Model) -> set[int]:
+    """End-of-sequence token ids: the generation config's (one or several), else the
+    tokenizer's."""
+    eos = model.hf.generation_config.eos_token_id
+    if eos is None:
+        eos = model.tokenizer.eos_token_id
+    return set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()

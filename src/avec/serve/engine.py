@@ -24,7 +24,7 @@ import torch
 
 from avec.errors import SteeringError
 from avec.generation import RowSampling, generate_ids
-from avec.models.model import Model
+from avec.models.model import Model, eos_token_ids
 from avec.serve.registry import VectorRegistry
 from avec.serve.schemas import SteeringSpec
 from avec.steer import Intervention, steer
@@ -115,11 +115,13 @@ class Engine:
             if missing:
                 raise SteeringError(f"{where}: layer(s) {missing} not in vector {spec.vector!r}, "
                                     f"which has layers {vec.layers}")
-            if spec.op != "add" and len(vec.shape) == 2:
-                raise SteeringError(f"{where}: vector {spec.vector!r} is per-position (ActAdd) "
-                                    f"and can only be added, not {spec.op}ed")
-            if spec.op != "add" and any(float(vec[L].norm()) == 0.0 for L in layers):
-                raise SteeringError(f"{where}: cannot {spec.op} along a zero direction")
+            try:  # the checks steer() makes, now, so a bad entry never reaches a batch
+                iv = Intervention(vec, coef=spec.coef, layers=list(layers), op=spec.op,
+                                  positions=spec.positions, value=spec.value)  # type: ignore
+                for L in layers:
+                    iv.check_layer(L)
+            except SteeringError as exc:
+                raise SteeringError(f"{where} (vector {spec.vector!r}): {exc}") from None
             entry = ResolvedSteering(spec.vector, vec, float(spec.coef), layers, spec.op,
                                      spec.positions, float(spec.value))
             twin = next((j for j, o in enumerate(out) if o.key == entry.key), None)
@@ -239,10 +241,7 @@ def _streamer(model: Model, batch: Sequence[_Request]) -> Callable[[torch.Tensor
     up to its own ``max_tokens`` and not past its end-of-sequence token."""
     if not any(r.on_token for r in batch):
         return None
-    eos = model.hf.generation_config.eos_token_id
-    if eos is None:
-        eos = model.tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    eos_ids = eos_token_ids(model)
     sent = [0] * len(batch)
     done = [False] * len(batch)
 

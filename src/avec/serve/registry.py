@@ -130,6 +130,6 @@ class VectorRegistry:
 
 def describe(name: str, vec: SteeringVector) -> dict[str, Any]:
     """The JSON summary of one registered vector."""
-    return {"name": name, "layers": vec.layers, "width": vec.width,
-            "method": vec.metadata.get("method"),
-            "norms": {str(k): round(x, 6) for k, x in vec.norms().items()}}
+    info = vec.describe()
+    return {"name": name, "layers": info["layers"], "width": vec.width,
+            "method": info.get("method"), "norms": info["norms"]}
