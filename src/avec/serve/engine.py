@@ -199,17 +199,18 @@ class Engine:
                     break
                 batch.append(item)
             live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            for group in _split_by_order(live):
-                self._run(group)
+            for order, group in _split_by_order(live):
+                self._run(order, group)
             if stop:
                 return
 
-    def _run(self, batch: list[_Request]) -> None:
+    def _run(self, order: list[Hashable], batch: list[_Request]) -> None:
+        """Generate ``batch`` in one pass, its steering entries applied in ``order``."""
         try:
-            order = _merged_order(batch)
-            assert order is not None
+            entries = {s.key: s for req in batch for s in req.steering}
             ivs = []
-            for key, entry in order:
+            for key in order:
+                entry = entries[key]
                 coef = torch.zeros(len(batch))
                 for j, req in enumerate(batch):
                     for s in req.steering:
@@ -262,19 +263,6 @@ def _streamer(model: Model, batch: Sequence[_Request]) -> Callable[[torch.Tensor
     return on_step
 
 
-def _merged_order(batch: Sequence[_Request]) -> list[tuple[Hashable, ResolvedSteering]] | None:
-    """One order of all distinct steering entries of ``batch`` that keeps every row's own
-    order, or ``None`` if the rows disagree."""
-    keys: list[Hashable] = []
-    entries: dict[Hashable, ResolvedSteering] = {}
-    for req in batch:
-        if not _insert_row(keys, [s.key for s in req.steering]):
-            return None
-        for s in req.steering:
-            entries.setdefault(s.key, s)
-    return [(k, entries[k]) for k in keys]
-
-
 def _insert_row(order: list[Hashable], row: list[Hashable]) -> bool:
     """Merge ``row``'s keys into ``order`` in place, keeping both orders; False on conflict
     (``order`` is then unchanged)."""
@@ -295,9 +283,9 @@ def _insert_row(order: list[Hashable], row: list[Hashable]) -> bool:
     return True
 
 
-def _split_by_order(batch: list[_Request]) -> list[list[_Request]]:
+def _split_by_order(batch: list[_Request]) -> list[tuple[list[Hashable], list[_Request]]]:
     """Group requests so each group's interventions can be applied in one order that respects
-    every row's order (almost always a single group)."""
+    every row's order (almost always a single group); returns ``(order, members)`` pairs."""
     groups: list[tuple[list[Hashable], list[_Request]]] = []
     for req in batch:
         keys = [s.key for s in req.steering]
@@ -307,4 +295,4 @@ def _split_by_order(batch: list[_Request]) -> list[list[_Request]]:
                 break
         else:
             groups.append((list(keys), [req]))  # resolve() refused repeated entries
-    return [members for _order, members in groups]
+    return groups
