@@ -8,18 +8,16 @@ import json
 import pickle
 from concurrent.futures import ThreadPoolExecutor
 
+import openai
 import pytest
 import torch
+from conftest import live_server
+from fastapi.testclient import TestClient  # the serve extra is part of the dev set-up: no skip
 
-pytest.importorskip("fastapi")
-from fastapi.testclient import TestClient  # noqa: E402
-
-from conftest import live_server  # noqa: E402
-
-from avec.generation import generate_ids  # noqa: E402
-from avec.serve import Engine, Limits, VectorRegistry, create_app  # noqa: E402
-from avec.steer import Intervention, steer  # noqa: E402
-from avec.vector import SteeringVector  # noqa: E402
+from avec.generation import generate_ids
+from avec.serve import Engine, Limits, VectorRegistry, create_app
+from avec.steer import Intervention, steer
+from avec.vector import SteeringVector
 
 KEY = "test-key"
 MODEL_ID = "tiny-llama"
@@ -237,7 +235,6 @@ def test_engine_survives_a_failing_batch(served, monkeypatch):
 
 
 def test_uvicorn_with_openai_client(served, tiny_llama):
-    openai = pytest.importorskip("openai")
     with live_server(served[1]) as url:
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY,
                                max_retries=0, timeout=30)

@@ -11,15 +11,12 @@ from urllib.parse import quote
 
 import pytest
 import torch
+from fastapi.testclient import TestClient  # dev dependencies: a missing one fails, never skips
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-pytest.importorskip("fastapi")
-hypothesis = pytest.importorskip("hypothesis")
-from fastapi.testclient import TestClient  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-
-from avec.serve import Engine, Limits, VectorRegistry, create_app  # noqa: E402
-from avec.vector import SteeringVector  # noqa: E402
+from avec.serve import Engine, Limits, VectorRegistry, create_app
+from avec.vector import SteeringVector
 
 JSON = st.recursive(
     st.none() | st.booleans() | st.integers(-2**40, 2**40) | st.floats(allow_nan=False)
