@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.avec-installed
 
-.PHONY: demo test setup bench clean browser
+LLAMA_STAMP := $(VENV)/.llama-installed
+# only the libraries the Python binding loads (no multimodal, tools, tests): ~5 min on 2 cores;
+# pip caches the built wheel, so a rebuilt venv on the same machine installs it at once
+LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+
+.PHONY: demo test setup bench clean browser llama
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -17,6 +23,15 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# the llama.cpp backend (`--backend llama.cpp`): llama-cpp-python built from source
+$(LLAMA_STAMP): $(STAMP)
+	@echo "building llama-cpp-python (llama.cpp from source, about 5 minutes on 2 cores)"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	  $(PIP) install -q -c constraints.txt llama-cpp-python
+	touch $(LLAMA_STAMP)
+
+llama: $(LLAMA_STAMP)
+
 demo: $(STAMP)
 	$(VENV)/bin/avec demo
 
@@ -26,13 +41,14 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || { echo "could not install chromium: run 'apt-get install chromium' as root"; exit 1; }
 
-test: $(STAMP) browser
+test: $(STAMP) $(LLAMA_STAMP) browser
 	$(PY) -m pytest -q
 
-bench: $(STAMP)
+bench: $(STAMP) $(LLAMA_STAMP)
 	$(PY) bench/bench_peers.py
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_serve.py
+	$(PY) bench/bench_llamacpp.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -99,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--backend", choices=["hf", "llama.cpp"], default="hf",
+                   help="hf: transformers (every op); llama.cpp: the .gguf model run by "
+                        "llama-cpp-python, steered by its control vectors (op add only, layers "
+                        ">= 1)")
     _add_model_args(p)
 
     for name, helptext in (("eval", "measure a metric, unsteered and steered"),
@@ -237,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default loopback; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=["hf"], default="hf",
-                   help="generation engine (hf: transformers; llama.cpp is not built yet)")
+    p.add_argument("--backend", choices=["hf", "llama.cpp"], default="hf",
+                   help="hf: transformers, batched, every op; llama.cpp: the .gguf model run "
+                        "by llama-cpp-python, one request at a time, op add only, layers >= 1")
     p.add_argument("--api-key", default=os.environ.get("AVEC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $AVEC_API_KEY, or none)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
@@ -258,7 +263,14 @@ def _load(args: argparse.Namespace) -> Any:
     from avec.models import load_model
 
     t0 = time.perf_counter()
-    model = load_model(args.model, block_path=args.block_path)
+    if getattr(args, "backend", "hf") == "llama.cpp":
+        from avec.backends.llamacpp import LlamaCppModel
+
+        if args.block_path:
+            raise ValueError("--block-path applies to the hf backend only")
+        model = LlamaCppModel.load(args.model)
+    else:
+        model = load_model(args.model, block_path=args.block_path)
     _log(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) "
                f"in {time.perf_counter() - t0:.1f} s")
     return model
@@ -321,10 +333,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = _load(args)
     vector = load_vector(args.vector, model) if args.vector else None
     run_coefs = list(dict.fromkeys([0.0, *coefs]))  # unsteered first, for side-by-side display
-    results = steered_completions(
-        model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
-        op=args.op, value=args.clamp_value, max_new_tokens=args.max_new_tokens,
-        chat=False if args.no_chat else None, batch_size=args.batch_size, progress=True)
+    chat = False if args.no_chat else None
+    if args.backend == "llama.cpp":
+        from avec.backends import llamacpp
+
+        results = llamacpp.steered_completions(
+            model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
+            op=args.op, max_new_tokens=args.max_new_tokens, chat=chat, progress=True)
+    else:
+        results = steered_completions(
+            model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
+            op=args.op, value=args.clamp_value, max_new_tokens=args.max_new_tokens, chat=chat,
+            batch_size=args.batch_size, progress=True)
     if args.json:
         wanted = [r for r in results if r.coef in coefs]
         _emit_json([r.to_dict() for r in wanted])
@@ -598,7 +618,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         import uvicorn
 
-        from avec.serve import Engine, Limits, VectorRegistry, create_app
+        from avec.serve import Engine, LlamaCppEngine, Limits, VectorRegistry, create_app
     except ImportError as exc:
         raise ValueError(f"avec serve needs the serve extra ({exc.name} is missing): "
                          f"pip install 'avec[serve]'") from None
@@ -606,7 +626,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     registry = VectorRegistry(model)
     names = registry.load_dir(args.vectors) if args.vectors else []
     limits = Limits(max_tokens=args.max_tokens)
-    engine = Engine(model, registry, limits)
+    engine_cls = LlamaCppEngine if args.backend == "llama.cpp" else Engine
+    engine = engine_cls(model, registry, limits)
     app = create_app(engine, api_key=args.api_key, model_id=model.name, limits=limits)
     _log(f"serving {model.name} on http://{args.host}:{args.port} "
          f"({len(names)} vectors{': ' + ', '.join(names) if names else ''}; "

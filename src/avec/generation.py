@@ -105,8 +105,10 @@ class RowSampling:
             raise ValueError(f"temperature must be > 0 to sample, got {self.temperature}")
 
 
-def _choose(logits: torch.Tensor, row_sampling: Sequence[RowSampling | None] | None
-            ) -> torch.Tensor:
+def choose_next(logits: torch.Tensor, row_sampling: Sequence[RowSampling | None] | None
+                ) -> torch.Tensor:
+    """Next token of each row of ``logits`` ``[B, V]``: the argmax, or a draw from
+    ``softmax(logits / temperature)`` for the rows ``row_sampling`` samples."""
     nxt = logits.argmax(-1)
     if row_sampling:
         for j, rs in enumerate(row_sampling):
@@ -155,7 +157,7 @@ def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         if step < min_new_tokens and eos.numel():
             logits = logits.clone()
             logits[:, eos] = -float("inf")
-        nxt = _choose(logits, row_sampling)
+        nxt = choose_next(logits, row_sampling)
         if pad is not None:
             nxt = torch.where(finished, torch.full_like(nxt, pad), nxt)
         tokens.append(nxt)

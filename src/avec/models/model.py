@@ -11,8 +11,52 @@ from torch import nn
 from avec.models.adapters import find_blocks
 
 
+class TextModel:
+    """What every avec model offers on top of its engine: a tokenizer (``self.tokenizer``),
+    its chat template, and layer-index checks (``self.name``, ``self.n_layers``)."""
+
+    tokenizer: Any
+    name: str
+
+    @property
+    def n_layers(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def chat_prompt(self, user_message: str, assistant_prefix: str = "") -> str:
+        """Format one user turn with the chat template, ready for the assistant's reply.
+
+        ``assistant_prefix`` is appended after the generation prompt (the start of the
+        assistant's answer). Models without a chat template get the message unchanged.
+        """
+        if not self.has_chat_template:
+            return user_message + assistant_prefix
+        text = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=False)
+        return text + assistant_prefix
+
+    def check_layers(self, layers: list[int]) -> list[int]:
+        """Validate 0-based layer indices (negative counts from the end); return them normalised."""
+        out = []
+        for layer in layers:
+            idx = layer + self.n_layers if layer < 0 else layer
+            if not 0 <= idx < self.n_layers:
+                raise ValueError(
+                    f"layer {layer} is out of range: {self.name} has {self.n_layers} decoder "
+                    f"blocks, so layers are 0..{self.n_layers - 1} (or -1..-{self.n_layers})")
+            out.append(idx)
+        return out
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Tokenize texts as given (special tokens the tokenizer adds by default included)."""
+        return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
+
+
 @dataclass(eq=False)
-class Model:
+class Model(TextModel):
     """A loaded causal language model.
 
     Attributes:
@@ -72,43 +116,11 @@ class Model:
     def dtype(self) -> torch.dtype:
         return next(self.hf.parameters()).dtype
 
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
     def identity(self) -> dict[str, Any]:
         """What a vector file records about the model it was made on."""
         return {"name": self.name, "family": self.family,
                 "model_type": getattr(self.config, "model_type", ""),
                 "n_layers": self.n_layers, "d_model": self.d_model}
-
-    def chat_prompt(self, user_message: str, assistant_prefix: str = "") -> str:
-        """Format one user turn with the chat template, ready for the assistant's reply.
-
-        ``assistant_prefix`` is appended after the generation prompt (the start of the
-        assistant's answer). Models without a chat template get the message unchanged.
-        """
-        if not self.has_chat_template:
-            return user_message + assistant_prefix
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=False)
-        return text + assistant_prefix
-
-    def check_layers(self, layers: list[int]) -> list[int]:
-        """Validate 0-based layer indices (negative counts from the end); return them normalised."""
-        out = []
-        for layer in layers:
-            idx = layer + self.n_layers if layer < 0 else layer
-            if not 0 <= idx < self.n_layers:
-                raise ValueError(
-                    f"layer {layer} is out of range: {self.name} has {self.n_layers} decoder "
-                    f"blocks, so layers are 0..{self.n_layers - 1} (or -1..-{self.n_layers})")
-            out.append(idx)
-        return out
-
-    def encode(self, texts: list[str]) -> list[list[int]]:
-        """Tokenize texts as given (special tokens the tokenizer adds by default included)."""
-        return [list(ids) for ids in self.tokenizer(list(texts))["input_ids"]]
 
 
 def cache_kwarg(model: Model) -> str:

@@ -7,10 +7,11 @@ with its own steering. Needs the ``serve`` extra (``pip install avec[serve]``).
 
 from __future__ import annotations
 
-from avec.serve.engine import Engine, GenerationResult, Limits
+from avec.serve.engine import Engine, GenerationResult, Limits, LlamaCppEngine
 from avec.serve.registry import VectorRegistry
 
-__all__ = ["Engine", "GenerationResult", "Limits", "VectorRegistry", "create_app"]
+__all__ = ["Engine", "GenerationResult", "Limits", "LlamaCppEngine", "VectorRegistry",
+           "create_app"]
 
 
 def __getattr__(name: str):  # create_app imports fastapi, which the engine does not need

@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Hashable, Sequence
+from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 
@@ -29,6 +29,9 @@ from avec.serve.registry import VectorRegistry
 from avec.serve.schemas import SteeringSpec
 from avec.steer import Intervention, steer
 from avec.vector import SteeringVector
+
+if TYPE_CHECKING:
+    from avec.backends.llamacpp import ControlTerm
 
 
 @dataclass
@@ -296,3 +299,56 @@ def _split_by_order(batch: list[_Request]) -> list[tuple[list[Hashable], list[_R
         else:
             groups.append((list(keys), [req]))  # resolve() refused repeated entries
     return groups
+
+
+class LlamaCppEngine(Engine):
+    """The engine on the llama.cpp backend (:class:`~avec.backends.llamacpp.LlamaCppModel`).
+
+    llama.cpp holds one control vector per context, so requests run one at a time, each with
+    its own control vector installed (isolation by construction); only ``op: add`` entries on
+    layers >= 1 are accepted, and anything else is refused at submit time with a 400.
+    """
+
+    def resolve(self, specs: Sequence[SteeringSpec]) -> list[ResolvedSteering]:
+        resolved = super().resolve(specs)
+        self.model.check(_control_terms(resolved))  # type: ignore[attr-defined]
+        return resolved
+
+    def _run(self, order: list[Hashable], batch: list[_Request]) -> None:
+        for req in batch:
+            try:
+                tokens = self.model.generate(  # type: ignore[attr-defined]
+                    req.prompt_ids, req.max_tokens, _control_terms(req.steering),
+                    sampling=req.sampling, on_token=_safe(req.on_token))
+                self.batches_run += 1
+                reason = "length" if len(tokens) >= req.max_tokens else "stop"
+                req.future.set_result(GenerationResult(tokens, len(req.prompt_ids), reason))
+            except Exception as exc:  # fail this request, keep the worker alive
+                if not req.future.done():
+                    req.future.set_exception(
+                        RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+
+
+def _control_terms(steering: Sequence[ResolvedSteering]) -> list[ControlTerm]:
+    from avec.backends.llamacpp import ControlTerm
+
+    return [ControlTerm(s.vector, s.coef, s.layers, s.positions, s.op) for s in steering]
+
+
+def _safe(listener: Callable[[int], None] | None) -> Callable[[int], None] | None:
+    """``listener`` that stops being called after it raises once (a broken stream must not
+    fail the generation)."""
+    if listener is None:
+        return None
+    broken = False
+
+    def call(tok: int) -> None:
+        nonlocal broken
+        if broken:
+            return
+        try:
+            listener(tok)
+        except Exception:
+            broken = True
+
+    return call
