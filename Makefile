@@ -11,7 +11,7 @@ LLAMA_STAMP := $(VENV)/.llama-installed
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: demo test setup bench clean browser llama
+.PHONY: demo test setup bench clean browser llama refusal
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ bench: $(STAMP) $(LLAMA_STAMP)
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_llamacpp.py
+
+# the refusal-direction study from scratch (fine-tune, select, orthogonalize, evaluate)
+refusal: $(STAMP)
+	$(VENV)/bin/avec refusal reproduce -o experiments/results/refusal
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

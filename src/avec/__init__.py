@@ -8,6 +8,7 @@
 """
 
 from avec._version import __version__
+from avec.ablation import ablate_direction
 from avec.activations import read_activations
 from avec.data import ContrastPair, load_ab_pairs, load_jsonl_pairs, load_pairs, load_prompts
 from avec.errors import (AvecError, DataError, ModelLoadError, SteeringError,
@@ -15,13 +16,15 @@ from avec.errors import (AvecError, DataError, ModelLoadError, SteeringError,
 from avec.extract import extract
 from avec.generation import Completion, steered_completions
 from avec.models import Model, load_model
+from avec.orthogonalize import orthogonalize_weights, save_orthogonalized
 from avec.steer import Intervention, steer
 from avec.vector import SteeringVector, load_vector
 
 __all__ = [
     "AvecError", "Completion", "ContrastPair", "DataError", "Intervention", "Model",
     "ModelLoadError", "SteeringError", "SteeringVector", "UnsupportedArchitectureError",
-    "VectorFileError", "__version__", "extract", "load_ab_pairs", "load_jsonl_pairs",
-    "load_model", "load_pairs", "load_prompts", "load_vector", "read_activations", "steer",
+    "VectorFileError", "__version__", "ablate_direction", "extract", "load_ab_pairs",
+    "load_jsonl_pairs", "load_model", "load_pairs", "load_prompts", "load_vector",
+    "orthogonalize_weights", "read_activations", "save_orthogonalized", "steer",
     "steered_completions",
 ]

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+from avec import cli_refusal
 from avec._version import __version__
 
 DEFAULT_DEMO_OUTPUT = "avec-demo-vector.safetensors"
@@ -94,8 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--positions", type=_steer_position, default="all",
                    help="all (default), prompt, generated, or from:K / K (token index >= K)")
     p.add_argument("--op", default="add", choices=["add", "ablate", "clamp"])
-    p.add_argument("--clamp-value", type=float, default=0.0,
-                   help="projection that --op clamp sets")
+    p.add_argument("--clamp-value", type=float, default=None,
+                   help="projection that --op clamp sets (default: the vector's clamp_value "
+                        "metadata, e.g. the harmful-prompt mean of a refusal direction, else 0)")
+    p.add_argument("--everywhere", action="store_true",
+                   help="with --op ablate: project the direction out of the residual stream "
+                        "everywhere (input of block 0 and every attention and MLP output), as "
+                        "Arditi et al. do, instead of at the vector's own layers")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--batch-size", type=int, default=16)
@@ -248,6 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $AVEC_API_KEY, or none)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
 
+    cli_refusal.add_parsers(sub, _add_model_args)
+
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
                        "unsteered vs steered completions on the default model")
     p.add_argument("--layer", type=int, default=14)
@@ -329,12 +337,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--coef needs --vector")
     if args.vector is None and (args.layer or args.op != "add"):
         raise ValueError("--layer and --op need --vector")
+    if args.everywhere and (args.op != "ablate" or args.backend != "hf"):
+        raise ValueError("--everywhere goes with --op ablate on the hf backend")
     coefs = args.coef if args.coef else ([1.0] if args.vector else [0.0])
     model = _load(args)
     vector = load_vector(args.vector, model) if args.vector else None
     run_coefs = list(dict.fromkeys([0.0, *coefs]))  # unsteered first, for side-by-side display
     chat = False if args.no_chat else None
-    if args.backend == "llama.cpp":
+    clamp = args.clamp_value
+    if clamp is None:
+        clamp = float(vector.metadata.get("clamp_value", 0.0)) if vector is not None else 0.0
+    if args.everywhere:
+        results = _ablate_everywhere(model, prompts, vector, run_coefs, args, chat)
+    elif args.backend == "llama.cpp":
         from avec.backends import llamacpp
 
         results = llamacpp.steered_completions(
@@ -343,7 +358,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         results = steered_completions(
             model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
-            op=args.op, value=args.clamp_value, max_new_tokens=args.max_new_tokens, chat=chat,
+            op=args.op, value=clamp, max_new_tokens=args.max_new_tokens, chat=chat,
             batch_size=args.batch_size, progress=True)
     if args.json:
         wanted = [r for r in results if r.coef in coefs]
@@ -355,6 +370,24 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"\n>>> {prompt}")
         print(_columns(headers, [r.text for r in row]))
     return 0
+
+
+def _ablate_everywhere(model: Any, prompts: list[str], vector: Any, coefs: list[float],
+                       args: argparse.Namespace, chat: bool | None) -> list[Any]:
+    from avec.ablation import ablate_direction
+    from avec.cli_refusal import _one_direction
+    from avec.generation import Completion, steered_completions
+
+    _layer, direction = _one_direction(vector, args.layer[0] if args.layer else None)
+    out = []
+    for coef in coefs:
+        with ablate_direction(model, direction, coef=coef):
+            rows = steered_completions(model, prompts, None, [0.0],
+                                       max_new_tokens=args.max_new_tokens, chat=chat,
+                                       batch_size=args.batch_size, progress=True)
+        out += [Completion(r.prompt, coef, r.text) for r in rows]
+    order = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    return sorted(out, key=lambda r: order[r.prompt])
 
 
 EVAL_DESCRIPTION = """Metrics: ab (CAA A/B p(matching letter), steering the tokens after the
@@ -692,7 +725,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
             "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs,
             "info": cmd_info, "convert": cmd_convert, "export": cmd_convert, "serve": cmd_serve,
-            "demo": cmd_demo}
+            "demo": cmd_demo, **cli_refusal.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

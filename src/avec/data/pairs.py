@@ -10,7 +10,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from avec.errors import DataError
 
@@ -64,11 +64,10 @@ def _pair_from_obj(obj: Any, where: str) -> ContrastPair:
     return ContrastPair(positive=pos, negative=neg, prompt=prompt)  # type: ignore[arg-type]
 
 
-def load_jsonl_pairs(path: str | Path) -> list[ContrastPair]:
-    """Read ``{"positive": ..., "negative": ..., ["prompt": ...]}`` objects, one per line."""
+def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """``("file:line", object)`` for each non-empty line of a JSON Lines file; a bad line
+    raises :class:`DataError` naming file and line."""
     path = Path(path)
-    pairs: list[ContrastPair] = []
-    with_prompt: list[bool] = []
     for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -77,6 +76,15 @@ def load_jsonl_pairs(path: str | Path) -> list[ContrastPair]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        yield where, obj
+
+
+def load_jsonl_pairs(path: str | Path) -> list[ContrastPair]:
+    """Read ``{"positive": ..., "negative": ..., ["prompt": ...]}`` objects, one per line."""
+    path = Path(path)
+    pairs: list[ContrastPair] = []
+    with_prompt: list[bool] = []
+    for where, obj in iter_jsonl(path):
         pairs.append(_pair_from_obj(obj, where))
         with_prompt.append(pairs[-1].prompt is not None)
         if with_prompt[0] != with_prompt[-1]:

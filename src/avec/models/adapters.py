@@ -3,7 +3,8 @@
 avec's read and write site for "layer L" is the *output of decoder block L* (0-based): the
 residual stream after block L has added its attention and MLP contributions. For every family
 below that is ``blocks[L]``'s forward output (first element when a block returns a tuple),
-which is ``hidden_states[L + 1]`` of a Hugging Face ``output_hidden_states=True`` call.
+which is ``hidden_states[L + 1]`` of a Hugging Face ``output_hidden_states=True`` call for
+every block but the last (the last entry of ``hidden_states`` has the final norm applied).
 """
 
 from __future__ import annotations
