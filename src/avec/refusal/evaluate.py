@@ -10,14 +10,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
 
-import torch
 from tqdm.auto import tqdm
 
-from avec.evaluate.forward import batched_logits
-from avec.generation import format_prompt, generate_ids
+from avec.evaluate.side_effects import perplexity
+from avec.generation import format_prompt, steered_completions
 from avec.models.model import Model
 from avec.refusal.data import is_refusal
-from avec.refusal.select import last_logits
+from avec.refusal.select import last_logits, mean_kl
 from avec.vector import SteeringVector
 
 
@@ -83,22 +82,9 @@ class ConditionResult:
 
 def _completions(model: Model, prompts: Sequence[str], max_new_tokens: int, batch_size: int
                  ) -> list[str]:
-    encoded = [format_prompt(model, p)[0] for p in prompts]
-    out = []
-    for start in range(0, len(encoded), batch_size):
-        for toks in generate_ids(model, encoded[start:start + batch_size], max_new_tokens):
-            out.append(model.tokenizer.decode(toks, skip_special_tokens=True).strip())
-    return out
-
-
-def _perplexity(model: Model, texts: Sequence[str]) -> float:
-    tokens = model.encode(list(texts))
-    nll, count = 0.0, 0
-    for toks, logits in zip(tokens, batched_logits(model, tokens, batch_size=4)):
-        lp = logits[:-1].log_softmax(-1).gather(-1, torch.tensor(toks[1:]).unsqueeze(-1))
-        nll -= float(lp.sum())
-        count += lp.numel()
-    return float(torch.exp(torch.tensor(nll / count)))
+    rows = steered_completions(model, prompts, None, [0.0], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size)
+    return [r.text for r in rows]
 
 
 def evaluate_refusal(conditions: Sequence[Condition], harmful: Sequence[str],
@@ -113,16 +99,15 @@ def evaluate_refusal(conditions: Sequence[Condition], harmful: Sequence[str],
     ref = conditions[0]
     ref_tokens = [format_prompt(ref.model, p)[0] for p in harmless]
     with ref.context():
-        base = last_logits(ref.model, ref_tokens, batch_size).log_softmax(-1)
+        base = last_logits(ref.model, ref_tokens, batch_size)
     results = []
     for cond in tqdm(conditions, desc="conditions", disable=not progress, leave=False):
         tokens = [format_prompt(cond.model, p)[0] for p in harmless]
         with cond.context():
             harm = _completions(cond.model, harmful, max_new_tokens, batch_size)
             safe = _completions(cond.model, harmless, max_new_tokens, batch_size)
-            lq = last_logits(cond.model, tokens, batch_size).log_softmax(-1)
-            ppl = _perplexity(cond.model, essays) if essays else None
-        kl = float((base.exp() * (base - lq)).sum(-1).clamp(min=0).mean())
+            kl = mean_kl(base, last_logits(cond.model, tokens, batch_size))
+            ppl = perplexity(cond.model, essays, None, None, [0.0])[0] if essays else None
         results.append(ConditionResult(
             cond.name, cond.description, sum(map(is_refusal, harm)) / len(harm),
             sum(map(is_refusal, safe)) / len(safe), kl, ppl,

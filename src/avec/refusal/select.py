@@ -191,7 +191,8 @@ class Selection:
                 "candidates": [asdict(c) for c in self.candidates]}
 
 
-def _kl(base: torch.Tensor, other: torch.Tensor) -> float:
+def mean_kl(base: torch.Tensor, other: torch.Tensor) -> float:
+    """Mean over rows of KL(softmax(base) || softmax(other)) for logits ``[N, vocab]``."""
     lp, lq = base.log_softmax(-1), other.log_softmax(-1)
     return float((lp.exp() * (lp - lq)).sum(-1).clamp(min=0).mean())
 
@@ -266,7 +267,7 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
         vec = SteeringVector({c.layer: r})
         c.bypass = float(refusal_metric(
             scored(lambda: ablate_direction(model, r), h_val), tokens).mean())
-        c.kl = _kl(base_b, scored(lambda: ablate_direction(model, r), b_val))
+        c.kl = mean_kl(base_b, scored(lambda: ablate_direction(model, r), b_val))
         c.induce = float(refusal_metric(
             scored(lambda: steer(model, vec, coef=1.0), b_val), tokens).mean())
     eligible = apply_filters(candidates, kl_max=kl_max, min_induce=min_induce,
