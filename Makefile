@@ -11,7 +11,7 @@ LLAMA_STAMP := $(VENV)/.llama-installed
 LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
 
-.PHONY: demo test setup bench clean browser llama refusal
+.PHONY: demo test setup bench clean browser llama refusal maze
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,15 @@ bench: $(STAMP) $(LLAMA_STAMP)
 # the refusal-direction study from scratch (fine-tune, select, orthogonalize, evaluate)
 refusal: $(STAMP)
 	$(VENV)/bin/avec refusal reproduce -o experiments/results/refusal
+
+# the maze-policy steering study (cheese vector, top-right vector, retargeting) on the shipped
+# policy; `avec maze train -o src/avec/maze/policy.safetensors` reproduces the policy itself
+MAZE_OUT := experiments/results/maze
+maze: $(STAMP)
+	$(VENV)/bin/avec maze eval -o $(MAZE_OUT)
+	$(VENV)/bin/avec maze cheese-vector -o $(MAZE_OUT)
+	$(VENV)/bin/avec maze top-right -o $(MAZE_OUT)
+	$(VENV)/bin/avec maze retarget -o $(MAZE_OUT)
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info

@@ -16,15 +16,16 @@ from avec.errors import (AvecError, DataError, ModelLoadError, SteeringError,
 from avec.extract import extract
 from avec.generation import Completion, steered_completions
 from avec.models import Model, load_model
+from avec.modules import ModuleModel, difference_vector, read_sites
 from avec.orthogonalize import orthogonalize_weights, save_orthogonalized
 from avec.steer import Intervention, steer
 from avec.vector import SteeringVector, load_vector
 
 __all__ = [
     "AvecError", "Completion", "ContrastPair", "DataError", "Intervention", "Model",
-    "ModelLoadError", "SteeringError", "SteeringVector", "UnsupportedArchitectureError",
-    "VectorFileError", "__version__", "ablate_direction", "extract", "load_ab_pairs",
+    "ModelLoadError", "ModuleModel", "SteeringError", "SteeringVector", "UnsupportedArchitectureError",
+    "VectorFileError", "__version__", "ablate_direction", "difference_vector", "extract", "load_ab_pairs",
     "load_jsonl_pairs", "load_model", "load_pairs", "load_prompts", "load_vector",
-    "orthogonalize_weights", "read_activations", "save_orthogonalized", "steer",
+    "orthogonalize_weights", "read_activations", "read_sites", "save_orthogonalized", "steer",
     "steered_completions",
 ]

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from avec import cli_refusal
+from avec import cli_maze, cli_refusal
 from avec._version import __version__
 
 DEFAULT_DEMO_OUTPUT = "avec-demo-vector.safetensors"
@@ -255,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
 
     cli_refusal.add_parsers(sub, _add_model_args)
+    cli_maze.add_parsers(sub)
 
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
                        "unsteered vs steered completions on the default model")
@@ -725,7 +726,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
             "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs,
             "info": cmd_info, "convert": cmd_convert, "export": cmd_convert, "serve": cmd_serve,
-            "demo": cmd_demo, **cli_refusal.COMMANDS}
+            "demo": cmd_demo, **cli_refusal.COMMANDS, **cli_maze.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,6 +14,9 @@ A ``[T, d]`` direction (ActAdd) is added position by position: the token at inde
 row p. Within one ``steer`` call interventions apply in the order given. Steering hooks run before any
 other forward hook on the block (so ``output_hidden_states`` and readers see steered values);
 with nested ``steer`` contexts the innermost one is applied first.
+
+Any torch module can be steered too: wrap it in :class:`avec.modules.ModuleModel`, whose layers
+are named sub-modules and whose directions are whole activations (e.g. ``[C, H, W]``).
 """
 
 from __future__ import annotations
@@ -85,15 +88,21 @@ class Intervention:
     def is_noop(self) -> bool:
         return isinstance(self.coef, (int, float)) and float(self.coef) == 0.0
 
-    def check_layer(self, layer: int) -> None:
-        """Raise if this intervention cannot act on its vector's direction at ``layer``: a
-        per-position (ActAdd) block can only be added, a direction must be ``[d]`` or
-        ``[T, d]``, and ablate/clamp need a nonzero direction."""
+    def check_layer(self, layer: int, per_token: bool = True) -> None:
+        """Raise if this intervention cannot act on its vector's direction at ``layer``: on a
+        language model (``per_token``) a per-position (ActAdd) block can only be added and a
+        direction must be ``[d]`` or ``[T, d]``; on any other module (``avec.modules``) a
+        direction is one whole activation and ``positions`` must be ``"all"``; ablate and
+        clamp need a nonzero direction."""
         direction = self.vector[layer]
-        if direction.dim() == 2 and self.op != "add":
+        if not per_token:
+            if self.positions != "all":
+                raise SteeringError(f"positions={self.positions!r}: a module without tokens is "
+                                    f"steered on every input; use positions='all'")
+        elif direction.dim() == 2 and self.op != "add":
             raise SteeringError(f"a per-position (ActAdd) vector can only be added, not "
                                 f"{self.op}ed")
-        if direction.dim() not in (1, 2):
+        elif direction.dim() not in (1, 2):
             raise SteeringError(f"a language-model direction must be [d] or [T, d], got "
                                 f"shape {tuple(direction.shape)}")
         if self.op != "add" and float(direction.float().norm()) == 0.0:
@@ -142,14 +151,16 @@ class _LayerPlan:
         default_factory=list)
 
 
-def _static_delta(iv: Intervention, direction: torch.Tensor) -> torch.Tensor | None:
+def _static_delta(iv: Intervention, direction: torch.Tensor,
+                  per_token: bool = True) -> torch.Tensor | None:
     """``coef * direction`` computed once, for additions that do not depend on the hidden
     state or the token position (the common case; the hook then costs one addition)."""
-    if iv.op != "add" or direction.dim() != 1 or iv.positions != "all":
+    if iv.op != "add" or iv.positions != "all" or (per_token and direction.dim() != 1):
         return None
     coef = iv.coef
     if isinstance(coef, torch.Tensor) and coef.numel() > 1:
-        return coef.to(direction.device, direction.dtype).view(-1, 1, 1) * direction
+        rows = (-1, 1, 1) if per_token else (-1, *[1] * direction.dim())
+        return coef.to(direction.device, direction.dtype).view(*rows) * direction
     return float(coef) * direction
 
 
@@ -161,7 +172,7 @@ def _row_coef(iv: Intervention, hidden: torch.Tensor) -> torch.Tensor | float:
         if coef.shape[0] != hidden.shape[0]:
             raise SteeringError(f"{coef.shape[0]} per-row coefficients were given but the batch "
                                 f"has {hidden.shape[0]} rows; give one coefficient per row")
-        return coef.to(hidden.device, hidden.dtype).view(-1, 1, 1)
+        return coef.to(hidden.device, hidden.dtype).view(-1, *[1] * (hidden.dim() - 1))
     return float(coef)
 
 
@@ -179,6 +190,24 @@ def _positional_delta(direction: torch.Tensor, hidden: torch.Tensor,
     pos = pos.to(hidden.device)
     inside = (pos < direction.shape[0]).unsqueeze(-1).to(hidden.dtype)
     return direction[pos.clamp(max=direction.shape[0] - 1)] * inside
+
+
+def _apply_whole(iv: Intervention, layer: int, direction: torch.Tensor,
+                 hidden: torch.Tensor) -> torch.Tensor:
+    """Ablate or clamp a whole-activation direction (a module without tokens): the projection
+    of each example's activation onto the direction, over all of its elements."""
+    coef = _row_coef(iv, hidden)
+    unit = direction / direction.norm()
+    proj = hidden.flatten(1) @ unit.flatten()  # [B]
+    target = 0.0 if iv.op == "ablate" else iv.value_at(layer)
+    return hidden + coef * (target - proj).view(-1, *[1] * direction.dim()) * unit
+
+
+def _check_shape(layer: int, direction: torch.Tensor, hidden: torch.Tensor) -> None:
+    if tuple(hidden.shape[1:]) != tuple(direction.shape):
+        raise SteeringError(f"layer {layer}: the vector's shape {tuple(direction.shape)} does not "
+                            f"match the activation's per-example shape {tuple(hidden.shape[1:])}; "
+                            f"read the vector at this site of this network")
 
 
 def _apply(iv: Intervention, layer: int, direction: torch.Tensor, hidden: torch.Tensor,
@@ -223,11 +252,14 @@ def _as_interventions(vectors: SteeringVector | Intervention | Sequence[Steering
 
 
 @contextlib.contextmanager
-def steer(model: Model,
+def steer(model: Model | Any,
           vectors: SteeringVector | Intervention | Sequence[SteeringVector | Intervention],
           coef: Coef = 1.0, *, layers: Sequence[int] | None = None, positions: Positions = "all",
           op: Op = "add", value: float | dict[int, float] = 0.0) -> Iterator[list[Intervention]]:
     """Steer ``model`` inside a ``with`` block.
+
+    ``model`` is an avec language :class:`Model`, or any torch module wrapped in an
+    :class:`avec.modules.ModuleModel` (whose layers are named sub-modules).
 
     Args:
         vectors: a vector, an :class:`Intervention`, or a list of them (they compose in order).
@@ -241,16 +273,21 @@ def steer(model: Model,
     Yields the list of interventions in force.
     """
     interventions = _as_interventions(vectors, coef, layers, positions, op, value)
+    per_token = bool(getattr(model, "per_token", True))  # False for avec.modules.ModuleModel
+    check_vector = getattr(model, "check_vector", None)
     plans: dict[int, _LayerPlan] = {}
     for iv in interventions:
-        iv.vector.check_model(model)
+        if check_vector is not None:
+            check_vector(iv.vector)
+        else:
+            iv.vector.check_model(model)
         if iv.is_noop:
             continue
         for layer in iv.layers or []:
-            iv.check_layer(layer)
+            iv.check_layer(layer, per_token)
             direction = iv.vector[layer].to(model.device, model.dtype)
             plans.setdefault(layer, _LayerPlan()).ops.append(
-                (iv, direction, _static_delta(iv, direction)))
+                (iv, direction, _static_delta(iv, direction, per_token)))
     state = _PositionState()
     handles = []
 
@@ -258,9 +295,13 @@ def steer(model: Model,
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
             hidden = block_output(output)
             for iv, direction, static in plan.ops:
+                if not per_token:
+                    _check_shape(layer, direction, hidden)
                 if static is None:
-                    hidden = _apply(iv, layer, direction, hidden, state)
-                elif static.dim() == 3 and static.shape[0] != hidden.shape[0]:
+                    hidden = (_apply(iv, layer, direction, hidden, state) if per_token
+                              else _apply_whole(iv, layer, direction, hidden))
+                elif (isinstance(iv.coef, torch.Tensor) and iv.coef.numel() > 1
+                      and static.shape[0] != hidden.shape[0]):
                     _row_coef(iv, hidden)  # raises the per-row coefficient count error
                 else:
                     hidden = hidden + static
@@ -269,8 +310,8 @@ def steer(model: Model,
         return hook
 
     try:
-        if any(iv.positions != "all" or len(iv.vector.shape) == 2
-               for iv in interventions if not iv.is_noop):
+        if per_token and any(iv.positions != "all" or len(iv.vector.shape) == 2
+                             for iv in interventions if not iv.is_noop):
             handles.append(model.hf.register_forward_pre_hook(
                 lambda _m, args, kwargs: state.update(args, kwargs), with_kwargs=True))
         for layer, plan in sorted(plans.items()):
