@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-from avec import cli_maze, cli_refusal
+from avec import cli_discover, cli_maze, cli_refusal, cli_sae
 from avec._version import __version__
 
 DEFAULT_DEMO_OUTPUT = "avec-demo-vector.safetensors"
@@ -256,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     cli_refusal.add_parsers(sub, _add_model_args)
     cli_maze.add_parsers(sub)
+    cli_discover.add_parsers(sub, _add_model_args)
+    cli_sae.add_parsers(sub, _add_model_args)
 
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
                        "unsteered vs steered completions on the default model")
@@ -726,7 +728,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 COMMANDS = {"extract": cmd_extract, "generate": cmd_generate, "eval": cmd_eval, "sweep": cmd_eval,
             "top-examples": cmd_top_examples, "compare": cmd_compare, "pairs": cmd_pairs,
             "info": cmd_info, "convert": cmd_convert, "export": cmd_convert, "serve": cmd_serve,
-            "demo": cmd_demo, **cli_refusal.COMMANDS, **cli_maze.COMMANDS}
+            "demo": cmd_demo, **cli_refusal.COMMANDS, **cli_maze.COMMANDS,
+            **cli_discover.COMMANDS, **cli_sae.COMMANDS}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
