@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from avec.data import ContrastPair
@@ -84,3 +85,28 @@ def test_concept_report_shows_completions(tiny_llama, tmp_path):
     assert "hi &lt;b&gt;" in page  # prompts and completions are escaped
     again = json.loads(open(tmp_path / "results.json").read())
     assert again["unsteered"] == res.unsteered and again["prompts"] == ["hi <b>", "yo"]
+
+
+def test_sae_feature_rows_pick_the_separating_latent(tiny_llama, tmp_path):
+    from avec.activations import read_activations
+    from avec.methods.sae_feature import SAEFeature
+    from avec.sae import SAEConfig, SparseAutoencoder, save_sae
+
+    sae = SparseAutoencoder(SAEConfig(d_in=tiny_llama.d_model, d_sae=64, k=8, hook_layer=2))
+    pos = read_activations(tiny_llama, [p.positive for p in PAIRS], [2], position="mean")[2]
+    neg = read_activations(tiny_llama, [p.negative for p in PAIRS], [2], position="mean")[2]
+    feature = SAEFeature(sae)
+    direction = feature.fit(pos, neg)
+    diff = sae.encode(pos).mean(0) - sae.encode(neg).mean(0)
+    assert feature.latent_ == int(diff.argmax())
+    assert torch.equal(direction, sae.W_dec[feature.latent_].detach())
+    path = save_sae(sae, tmp_path / "sae")
+    settings = CompareSettings(layer=2, methods=("mean_diff", "sae"), n_pairs=(1, 3), seeds=1,
+                               coefs=(1.0,), sae=str(path))
+    res = compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])
+    sae_rows = [r for r in res.rows if r["method"] == "sae"]
+    assert len(sae_rows) == 2 and all(0 <= r["latent"] < 64 for r in sae_rows)
+    assert res.task["sae"]["d_sae"] == 64
+    wrong = CompareSettings(layer=1, methods=("sae",), n_pairs=(1,), seeds=1, sae=str(path))
+    with pytest.raises(ValueError, match="pass --layer 2"):
+        compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), wrong, ["hi"])

@@ -35,6 +35,7 @@ from avec.evaluate.side_effects import kl_divergence, reference_logprobs
 from avec.extract import extract_actadd
 from avec.generation import variant_completions
 from avec.methods import get_method
+from avec.methods.sae_feature import SAEFeature
 from avec.models.model import Model
 from avec.vector import SteeringVector
 
@@ -53,6 +54,7 @@ class CompareSettings:
     chat: bool = False
     position: str | int = "mean"  # for sentence pairs; CAA A/B pools read "ab_letter"
     max_new_tokens: int = 32
+    sae: str | None = None  # SAE directory for the "sae" method (trained at this layer)
 
 
 @dataclass
@@ -126,8 +128,10 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
     n_grid = sorted({n for n in settings.n_pairs if n <= pool})
     if not n_grid:
         raise ValueError(f"every --n-pairs value exceeds the {pool} pairs available")
+    sae, sae_info = _load_sae(settings, layer)
     for m in settings.methods:
-        get_method(m)  # validate names early
+        if m != "sae":
+            get_method(m)  # validate names early
     pos_texts, neg_texts = pair_texts(list(pairs), model, chat=settings.chat)
     acts = read_activations(model, pos_texts + neg_texts, [layer], position=settings.position,
                             progress=progress)[layer]
@@ -141,15 +145,21 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                 continue  # ActAdd is the single-pair method
             for seed in range(settings.seeds):
                 idx = _subset(pool, n, seed)
+                extra: dict[str, Any] = {}
                 if method == "actadd":
                     direction = extract_actadd(model, pairs[idx[0]], [layer],
                                                chat=settings.chat)[layer]
+                elif method == "sae":
+                    feature = SAEFeature(sae)
+                    direction = feature.fit(pos[idx], neg[idx])
+                    extra = {"latent": feature.latent_}
                 else:
                     fitter = get_method(method, **({"seed": seed} if method == "random" else {}))
                     direction = fitter.fit(pos[idx], neg[idx])
                 vectors.append(SteeringVector({layer: _scaled(direction, common)},
                                               {"method": method, "n_pairs": n, "seed": seed}))
-                cells.append({"method": method, "n_pairs": n, "seed": seed, "pairs": idx})
+                cells.append({"method": method, "n_pairs": n, "seed": seed, "pairs": idx,
+                              **extra})
     coefs = [0.0, *[float(c) for c in settings.coefs if c != 0]]
     effects, texts = _effects(model, task, vectors, layer, coefs, settings, progress)
     baseline = effects[0][0] if effects else 0.0
@@ -158,7 +168,7 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                  "n_prompts": len(task.prompts), "concept": task.concept,
                                  "keywords": list(task.keywords), "pool_pairs": pool,
                                  "pairs_source": task.pairs_source,
-                                 "kl_prompts": len(kl_prompts)},
+                                 "kl_prompts": len(kl_prompts), **sae_info},
                            baseline=baseline, common_norm=common, model=model.identity(),
                            avec_version=__version__, prompts=list(task.prompts),
                            unsteered=texts[0][0] if texts else [])
@@ -176,6 +186,30 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
             row["best_completions"] = texts[k][coefs.index(best[1])]
         result.rows.append(row)
     return result
+
+
+def _load_sae(settings: CompareSettings, layer: int) -> tuple[Any, dict[str, Any]]:
+    """The SAE for the "sae" method, and what it cost to make (its training tokens)."""
+    if "sae" not in settings.methods:
+        return None, {}
+    if not settings.sae:
+        raise ValueError("the 'sae' method needs an SAE: pass --sae DIR (from `avec sae train` "
+                         "or a SAELens directory) trained at the comparison's layer")
+    from avec.sae.io import load_sae
+
+    sae = load_sae(settings.sae)
+    site = sae.cfg.avec_layer
+    if site is not None and site != layer:
+        raise ValueError(f"the SAE in {settings.sae} reads layer {site}, but the comparison "
+                         f"steers layer {layer}; pass --layer {site}")
+    info: dict[str, Any] = {"sae": {"path": str(settings.sae), "d_sae": sae.d_sae,
+                                    "k": sae.cfg.k}}
+    record = Path(settings.sae) / "train.json"
+    if record.is_file():
+        train = json.loads(record.read_text())
+        info["sae"]["training_tokens"] = train.get("n_tokens") or train.get("tokens")
+        info["sae"]["training_seconds"] = train.get("seconds")
+    return sae, info
 
 
 def _effects(model: Model, task: Task, vectors: list[SteeringVector], layer: int,
