@@ -106,6 +106,13 @@ def test_sae_feature_rows_pick_the_separating_latent(tiny_llama, tmp_path):
     res = compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])
     sae_rows = [r for r in res.rows if r["method"] == "sae"]
     assert len(sae_rows) == 2 and all(0 <= r["latent"] < 64 for r in sae_rows)
+    from avec.sae.evaluate import text_latents
+
+    zp = text_latents(tiny_llama, sae, 2, [p.positive for p in PAIRS], "mean")
+    zn = text_latents(tiny_llama, sae, 2, [p.negative for p in PAIRS], "mean")
+    for r in sae_rows:  # per-token latents averaged per text, on the row's own pairs
+        idx = r["pairs"]
+        assert r["latent"] == int((zp[idx].mean(0) - zn[idx].mean(0)).argmax())
     assert res.task["sae"]["d_sae"] == 64
     wrong = CompareSettings(layer=1, methods=("sae",), n_pairs=(1,), seeds=1, sae=str(path))
     with pytest.raises(ValueError, match="pass --layer 2"):

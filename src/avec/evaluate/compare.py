@@ -137,6 +137,12 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                             progress=progress)[layer]
     pos, neg = acts[:pool], acts[pool:]
     common = settings.norm or float((pos - neg).mean(0).norm())
+    latents = None
+    if sae is not None and settings.position == "mean":  # latents per token, averaged per text
+        from avec.sae.evaluate import text_latents
+
+        both = text_latents(model, sae, layer, pos_texts + neg_texts, "mean")
+        latents = (both[:pool], both[pool:])
     cells: list[dict[str, Any]] = []
     vectors: list[SteeringVector] = []
     for method in settings.methods:
@@ -151,7 +157,8 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                                chat=settings.chat)[layer]
                 elif method == "sae":
                     feature = SAEFeature(sae)
-                    direction = feature.fit(pos[idx], neg[idx])
+                    direction = (feature.fit_latents(latents[0][idx], latents[1][idx])
+                                 if latents is not None else feature.fit(pos[idx], neg[idx]))
                     extra = {"latent": feature.latent_}
                 else:
                     fitter = get_method(method, **({"seed": seed} if method == "random" else {}))
