@@ -9,7 +9,7 @@ activations do not depend on what else is in its batch.
 from __future__ import annotations
 
 import re
-from typing import Callable, Sequence, Union
+from typing import Callable, Iterator, Sequence, Union
 
 import torch
 from tqdm.auto import tqdm
@@ -108,6 +108,32 @@ def forward_until(model: Model, layers: Sequence[int],
     finally:
         for h in handles:
             h.remove()
+
+
+def layer_outputs(model: Model, texts: Sequence[str], layer: int, *, max_tokens: int = 128,
+                  batch_size: int = 16, progress: bool = False,
+                  desc: str = "activations") -> Iterator[tuple[int, list[int], torch.Tensor]]:
+    """``(text index, token ids, hidden [n_tokens, d_model])`` for every text, block ``layer``'s
+    output on the model's device and dtype, in an order sorted by length (not input order).
+
+    Texts are truncated to their first ``max_tokens`` tokens, right-padded in batches with an
+    attention mask and position ids counted over real tokens (so a text's rows do not depend
+    on its batch), and the forward pass stops after block ``layer``. Texts that tokenize to
+    nothing are skipped. Call under ``torch.no_grad()``.
+    """
+    (layer,) = model.check_layers([layer])
+    if max_tokens < 1 or batch_size < 1:
+        raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
+    ids = [x[:max_tokens] for x in model.encode(list(texts))]
+    order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    pad_id = model.tokenizer.pad_token_id
+    for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        input_ids, mask, pos = pad_batch([ids[i] for i in rows], pad_id, "right", model.device)
+        got: list[torch.Tensor] = []
+        forward_until(model, [layer], lambda _L, h, out=got: out.append(h), input_ids, mask, pos)
+        for j, i in enumerate(rows):
+            yield i, ids[i], got[0][j, : len(ids[i])]
 
 
 @torch.inference_mode()

@@ -13,9 +13,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
-from avec.activations import forward_until, pad_batch
+from avec.activations import layer_outputs
 from avec.errors import DataError
 from avec.models.model import Model
 
@@ -38,19 +37,12 @@ def token_projections(model: Model, texts: Sequence[str], direction: torch.Tenso
     if direction.dim() != 1 or direction.shape[0] != model.d_model:
         raise ValueError(f"direction must be a [{model.d_model}] vector, got {tuple(direction.shape)}")
     unit = (direction.float() / direction.float().norm()).to(model.device, model.dtype)
-    ids = [x[:max_tokens] for x in model.encode(list(texts))]
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    out: list[tuple[list[int], list[float]] | None] = [None] * len(ids)
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for rows in tqdm(batches, desc="projections", disable=not progress, leave=False):
-        input_ids, mask, pos = pad_batch([ids[i] for i in rows], model.tokenizer.pad_token_id,
-                                         "right", model.device)
-        got: dict[int, torch.Tensor] = {}
-        forward_until(model, [layer], lambda _L, h: got.__setitem__(0, (h @ unit).float().cpu()),
-                      input_ids, mask, pos)
-        for j, i in enumerate(rows):
-            out[i] = (ids[i], got[0][j, : len(ids[i])].tolist())
-    return out  # type: ignore[return-value]
+    out: list[tuple[list[int], list[float]]] = [([], []) for _ in texts]  # texts with no tokens
+    for i, text_ids, hidden in layer_outputs(model, texts, layer, max_tokens=max_tokens,
+                                             batch_size=batch_size, progress=progress,
+                                             desc="projections"):
+        out[i] = (text_ids, (hidden @ unit).float().cpu().tolist())
+    return out
 
 
 def top_examples(model: Model, texts: Sequence[str], direction: torch.Tensor, layer: int, *,

@@ -10,13 +10,13 @@ sink whose activation norm dwarfs the others'; an SAE trained on it spends laten
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from avec.activations import forward_until, pad_batch
+from avec.activations import layer_outputs
 from avec.generation import RowSampling, format_prompt, generate_ids
 from avec.models.model import Model
 from avec.sae.model import SAEError
@@ -131,32 +131,6 @@ def sample_corpus(model: Model, n_texts: int, max_new_tokens: int = 128, seed: i
         for i, toks in zip(rows, new):
             texts.append(heads[i] + model.tokenizer.decode(toks, skip_special_tokens=True))
     return texts
-
-
-def layer_outputs(model: Model, texts: Sequence[str], layer: int, *, max_tokens: int = 128,
-                  batch_size: int = 16, progress: bool = False,
-                  desc: str = "activations") -> Iterator[tuple[int, list[int], torch.Tensor]]:
-    """``(text index, token ids, hidden [n_tokens, d_model])`` for every text, block ``layer``'s
-    output on the model's device and dtype, in an order sorted by length (not input order).
-
-    Texts are truncated to their first ``max_tokens`` tokens, right-padded in batches with an
-    attention mask and position ids counted over real tokens (so a text's rows do not depend
-    on its batch), and the forward pass stops after block ``layer``. Texts that tokenize to
-    nothing are skipped. Call under ``torch.no_grad()``.
-    """
-    (layer,) = model.check_layers([layer])
-    if max_tokens < 1 or batch_size < 1:
-        raise SAEError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
-    ids = [x[:max_tokens] for x in model.encode(list(texts))]
-    order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    pad_id = model.tokenizer.pad_token_id
-    for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        input_ids, mask, pos = pad_batch([ids[i] for i in rows], pad_id, "right", model.device)
-        got: list[torch.Tensor] = []
-        forward_until(model, [layer], lambda _L, h, out=got: out.append(h), input_ids, mask, pos)
-        for j, i in enumerate(rows):
-            yield i, ids[i], got[0][j, : len(ids[i])]
 
 
 @torch.no_grad()

@@ -19,9 +19,9 @@ from avec.activations import pad_batch
 from avec.evaluate.top_examples import TopExample
 from avec.hooks import block_output, replace_block_output
 from avec.models.model import Model
-from avec.sae.corpus import layer_outputs
+from avec.activations import layer_outputs
 from avec.sae.model import SAEError, SparseAutoencoder
-from avec.sae.steer import _check_fit
+from avec.sae.steer import check_fit
 
 Splice = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,7 +76,7 @@ def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: in
     score; 1 is a perfect reconstruction), ``fraction_recovered_mean`` the same against the
     mean ablation (None when the reference equals the clean loss).
     """
-    layer = _check_fit(model, sae, layer, check_site)
+    layer = check_fit(model, sae, layer, check_site)
     if skip_first < 0 or max_tokens < 2 or batch_size < 1:
         raise SAEError(f"need skip_first >= 0, max_tokens >= 2 and batch_size >= 1, got "
                        f"{skip_first}, {max_tokens}, {batch_size}")
@@ -149,7 +149,7 @@ def text_latents(model: Model, sae: SparseAutoencoder, layer: int, texts: Sequen
     the text is not longer than that); ``"last"``: the latents of the last token (of the first
     ``max_tokens``).
     """
-    layer = _check_fit(model, sae, layer, check_site)
+    layer = check_fit(model, sae, layer, check_site)
     if position not in ("mean", "last"):
         raise SAEError(f"unknown position {position!r}; use 'mean' or 'last'")
     out = torch.zeros(len(texts), sae.d_sae)
@@ -215,7 +215,7 @@ def latent_top_examples(model: Model, sae: SparseAutoencoder, layer: int, texts:
     """For each latent, the ``k`` texts where it fires most: each text scored by its largest
     activation of the latent on a token from ``skip_first`` on, with every token's activation
     (the latent's actual value, not a projection). Texts where it never fires are left out."""
-    layer = _check_fit(model, sae, layer, check_site)
+    layer = check_fit(model, sae, layer, check_site)
     latents = [int(i) for i in latents]
     for latent in latents:
         if not 0 <= latent < sae.d_sae:

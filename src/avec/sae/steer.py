@@ -40,7 +40,9 @@ def _check_latents(sae: SparseAutoencoder, values: dict[int, float] | None,
     return out
 
 
-def _check_fit(model: Model, sae: SparseAutoencoder, layer: int, check_site: bool) -> int:
+def check_fit(model: Model, sae: SparseAutoencoder, layer: int, check_site: bool) -> int:
+    """The normalised ``layer`` if ``sae`` can act there on ``model`` (width, layer range and,
+    with ``check_site``, the site the SAE was trained on); raises :class:`SAEError` otherwise."""
     if sae.d_in != model.d_model:
         raise SAEError(f"the SAE reads {sae.d_in}-wide activations but {model.name or 'the model'}"
                        f" has d_model {model.d_model}; use an SAE trained on this model")
@@ -72,7 +74,7 @@ def steer_features(model: Model, sae: SparseAutoencoder, layer: int, *,
 
     The hook runs before any other forward hook on the block, so readers see steered values.
     """
-    layer = _check_fit(model, sae, layer, check_site)
+    layer = check_fit(model, sae, layer, check_site)
     clamps = _check_latents(sae, clamp, "clamp")
     adds = _check_latents(sae, add, "add")
     if not clamps and not adds:
