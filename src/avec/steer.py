@@ -192,15 +192,19 @@ def _positional_delta(direction: torch.Tensor, hidden: torch.Tensor,
     return direction[pos.clamp(max=direction.shape[0] - 1)] * inside
 
 
-def _apply_whole(iv: Intervention, layer: int, direction: torch.Tensor,
-                 hidden: torch.Tensor) -> torch.Tensor:
-    """Ablate or clamp a whole-activation direction (a module without tokens): the projection
-    of each example's activation onto the direction, over all of its elements."""
-    coef = _row_coef(iv, hidden)
+def _projection_delta(iv: Intervention, layer: int, direction: torch.Tensor,
+                      hidden: torch.Tensor, coef: torch.Tensor | float,
+                      per_token: bool) -> torch.Tensor:
+    """``coef * (target - h . u) u`` for ablate (target 0) and clamp (target ``value``): the
+    projection is taken per token on a language model, and over each example's whole
+    activation on any other module (``avec.modules``)."""
     unit = direction / direction.norm()
-    proj = hidden.flatten(1) @ unit.flatten()  # [B]
+    if per_token:
+        proj = (hidden @ unit).unsqueeze(-1)  # [B, T, 1]
+    else:
+        proj = (hidden.flatten(1) @ unit.flatten()).view(-1, *[1] * direction.dim())
     target = 0.0 if iv.op == "ablate" else iv.value_at(layer)
-    return hidden + coef * (target - proj).view(-1, *[1] * direction.dim()) * unit
+    return coef * (target - proj) * unit
 
 
 def _check_shape(layer: int, direction: torch.Tensor, hidden: torch.Tensor) -> None:
@@ -218,10 +222,7 @@ def _apply(iv: Intervention, layer: int, direction: torch.Tensor, hidden: torch.
     elif iv.op == "add":
         delta = coef * direction
     else:
-        unit = direction / direction.norm()
-        proj = hidden @ unit  # [B, T]
-        target = 0.0 if iv.op == "ablate" else iv.value_at(layer)
-        delta = coef * (target - proj).unsqueeze(-1) * unit
+        delta = _projection_delta(iv, layer, direction, hidden, coef, per_token=True)
     if iv.positions != "all":
         pos, prompt_len = _require_positions(state)
         pos = pos.to(hidden.device)
@@ -299,7 +300,8 @@ def steer(model: Model | Any,
                     _check_shape(layer, direction, hidden)
                 if static is None:
                     hidden = (_apply(iv, layer, direction, hidden, state) if per_token
-                              else _apply_whole(iv, layer, direction, hidden))
+                              else hidden + _projection_delta(iv, layer, direction, hidden,
+                                                              _row_coef(iv, hidden), False))
                 elif (isinstance(iv.coef, torch.Tensor) and iv.coef.numel() > 1
                       and static.shape[0] != hidden.shape[0]):
                     _row_coef(iv, hidden)  # raises the per-row coefficient count error
