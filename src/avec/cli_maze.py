@@ -209,9 +209,9 @@ def _study(args: argparse.Namespace, kind: str) -> int:
 def _retarget(args: argparse.Namespace) -> int:
     from avec.maze.field import vector_field
     from avec.maze.plots import plot_fields
-    from avec.maze.steering import (RetargetSettings, cheese_channels, policy_model,
-                                    random_target, retarget_interventions, retarget_study,
-                                    held_out_mazes)
+    from avec.maze.steering import (CheeseChannel, RetargetSettings, held_out_mazes,
+                                    policy_model, random_target, retarget_interventions,
+                                    retarget_study, site_shape)
     from avec.steer import steer
 
     policy = _load_policy(args)
@@ -220,17 +220,16 @@ def _retarget(args: argparse.Namespace) -> int:
     result = retarget_study(policy, settings)
     out = Path(args.output)
     files = [_write(out, "retarget.json", result)]
-    channels = cheese_channels(policy, args.site,
-                               held_out_mazes(args.seed + 2, 100, policy.config.world),
-                               args.channels)
+    channels = [CheeseChannel(**c) for c in result["channels"]]  # the study's own channels
     model = policy_model(policy, args.site)
+    shape = site_shape(policy, args.site)
     rng = np.random.default_rng(args.seed)
     for i, maze in enumerate(held_out_mazes(args.seed, 3, policy.config.world, min_size=9)):
         empty = maze.with_cheese(None)
         target = random_target(maze, rng)
         before = vector_field(policy, empty)
         with steer(model, retarget_interventions(policy, args.site, channels, target,
-                                                 args.scale)):
+                                                 args.scale, shape)):
             after = vector_field(policy, empty)
         files.append(plot_fields([("no cheese", before), ("channels clamped", after)],
                                  out / f"retarget_field_{i}.png", marks={"target": target}))

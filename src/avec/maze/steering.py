@@ -239,18 +239,24 @@ def cheese_channels(policy: MazePolicy, site: str, mazes: Sequence[Maze],
                           round(float(response[ch]), 4)) for ch in order]
 
 
+def site_shape(policy: MazePolicy, site: str) -> tuple[int, ...]:
+    """The per-example shape of ``site``'s output (one forward pass on a maze)."""
+    model = policy_model(policy, site)
+    maze = generate_maze(np.random.default_rng(0), world=policy.config.world)
+    return tuple(read_sites(model, obs_batch(maze), [0])[0].shape[1:])
+
+
 def retarget_interventions(policy: MazePolicy, site: str, channels: Sequence[CheeseChannel],
-                           target: Cell, scale: float) -> list[Intervention]:
+                           target: Cell, scale: float,
+                           shape: tuple[int, ...] | None = None) -> list[Intervention]:
     """Clamp each channel at the target's feature cell to its cheese value
     (:meth:`CheeseChannel.clamp_value`): a one-hot direction per (channel, cell), clamped
-    with ``op="clamp"``."""
-    model = policy_model(policy, site)
-    probe = read_sites(model, obs_batch(generate_maze(np.random.default_rng(0),
-                                                      world=policy.config.world)), [0])[0][0]
-    r, c = feature_cell(target, policy.config.world, probe.shape[-1])
+    with ``op="clamp"``. ``shape`` is the site's :func:`site_shape` (computed if not given)."""
+    shape = shape or site_shape(policy, site)
+    r, c = feature_cell(target, policy.config.world, shape[-1])
     out = []
     for ch in channels:
-        onehot = torch.zeros(probe.shape)
+        onehot = torch.zeros(shape)
         onehot[ch.channel, r, c] = 1.0
         vec = SteeringVector({0: onehot}, {"method": "retarget", "channel": ch.channel,
                                            "cell": [r, c], "sites": {"0": site}})
@@ -305,6 +311,7 @@ def retarget_study(policy: MazePolicy, settings: RetargetSettings = RetargetSett
                             held_out_mazes(settings.seed + 2, settings.channel_mazes, world),
                             settings.channels)
     model = policy_model(policy, settings.site)
+    shape = site_shape(policy, settings.site)
     rng = np.random.default_rng(settings.seed)
     rows = []
     for i, maze in enumerate(held_out_mazes(settings.seed, settings.mazes, world,
@@ -319,7 +326,7 @@ def retarget_study(policy: MazePolicy, settings: RetargetSettings = RetargetSett
 
         base, base_reach = measure(empty)
         with steer(model, retarget_interventions(policy, settings.site, found, target,
-                                                 settings.scale)):
+                                                 settings.scale, shape)):
             steered, steered_reach = measure(empty)
         real, real_reach = measure(maze.with_cheese(target))
         rows.append({"maze": i, "size": maze.size, "target": list(target),
