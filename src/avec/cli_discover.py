@@ -87,55 +87,57 @@ def _prompts_and_answers(path: str | None, arithmetic: int | None,
     return prompts, answers
 
 
-def _resummarize(args: argparse.Namespace, behaviours: list[Any]) -> tuple[Any, Any, list[str]]:
-    """(model, result, training prompts) of an earlier run, its summary rewritten."""
-    from avec.cli import _load
+def _earlier_run(args: argparse.Namespace) -> tuple[Any, list[str], list[str], Any]:
+    """(result, training prompts, evaluation prompts, their answers) of the run in --from."""
     from avec.discover.report import load_run
 
     result, prompts = load_run(args.from_dir)
     if args.eval_prompts:
-        eval_prompts, eval_answers = _prompts_and_answers(args.eval_prompts, None, args.seed)
-    else:
-        old = Path(args.from_dir) / "summary.json"
-        saved = json.loads(old.read_text()) if old.is_file() else {}
-        eval_prompts = saved.get("prompts") or prompts
-        eval_answers = saved.get("answers") if saved.get("prompts") else None
-    if not eval_prompts:
+        return (result, prompts, *_prompts_and_answers(args.eval_prompts, None, args.seed))
+    old = Path(args.from_dir) / "summary.json"
+    saved = json.loads(old.read_text()) if old.is_file() else {}
+    if not (saved.get("prompts") or prompts):
         raise ValueError(f"{args.from_dir} records no prompts; pass --eval-prompts")
-    return _load(args), result, (eval_prompts, eval_answers, prompts)
+    if saved.get("prompts"):
+        return result, prompts, saved["prompts"], saved.get("answers")
+    return result, prompts, prompts, None
 
 
-def cmd_discover(args: argparse.Namespace) -> int:
-    from avec.cli import _load, _log
+def _train(args: argparse.Namespace, model: Any, prompts: list[str]) -> Any:
+    from avec.cli import _log
     from avec.discover.melbo import MelboConfig, MelboTrainer
-    from avec.discover.report import parse_behaviour, summarize, write_run
 
-    behaviours = [parse_behaviour(b) for b in args.behaviour]
-    if args.from_dir:
-        model, result, (eval_prompts, eval_answers, prompts) = _resummarize(args, behaviours)
-        summary = summarize(model, result, eval_prompts, answers=eval_answers,
-                            behaviours=behaviours, max_new_tokens=args.max_new_tokens,
-                            threshold=args.cluster_threshold, chat=args.chat, progress=True)
-        return _finish(args, result, summary, write_run(Path(args.output), result, summary,
-                                                        prompts))
-    prompts, answers = _prompts_and_answers(args.prompts, args.arithmetic, args.seed)
-    if args.eval_prompts:
-        eval_prompts, eval_answers = _prompts_and_answers(args.eval_prompts, None, args.seed)
-    elif args.arithmetic is not None:  # held-out items for accuracy, other seed
-        eval_prompts, eval_answers = _prompts_and_answers(None, 32, args.seed + 1)
-    else:
-        eval_prompts, eval_answers = prompts, answers
     config = MelboConfig(source_layer=args.source_layer, target_layer=args.target_layer,
                          radius=args.radius, num_vectors=args.num_vectors, steps=args.steps,
                          lr=args.lr, p=args.p, q=args.q, positions=args.positions,
                          batch_size=args.batch_size, patience=args.patience, chat=args.chat,
                          seed=args.seed)
-    model = _load(args)
     trainer = MelboTrainer(model, prompts, config)
     _log(f"MELBO: {config.num_vectors} vectors, layer {trainer.source} -> {trainer.target}, "
          f"radius {config.radius}, {len(prompts)} prompts")
-    result = trainer.train(progress=True, on_vector=lambda v: _log(
+    return trainer.train(progress=True, on_vector=lambda v: _log(
         f"vector {v.index}: objective {v.objective:.4g} after {v.steps} steps"))
+
+
+def cmd_discover(args: argparse.Namespace) -> int:
+    from avec.cli import _load
+    from avec.discover.report import parse_behaviour, summarize, write_run
+
+    behaviours = [parse_behaviour(b) for b in args.behaviour]
+    if args.from_dir:  # no training: the vectors of an earlier run
+        result, prompts, eval_prompts, eval_answers = _earlier_run(args)
+        model = _load(args)
+    else:
+        prompts, answers = _prompts_and_answers(args.prompts, args.arithmetic, args.seed)
+        if args.eval_prompts:
+            eval_prompts, eval_answers = _prompts_and_answers(args.eval_prompts, None,
+                                                              args.seed)
+        elif args.arithmetic is not None:  # held-out items for accuracy, other seed
+            eval_prompts, eval_answers = _prompts_and_answers(None, 32, args.seed + 1)
+        else:
+            eval_prompts, eval_answers = prompts, answers
+        model = _load(args)
+        result = _train(args, model, prompts)
     summary = None
     if not args.no_summary:
         summary = summarize(model, result, eval_prompts, answers=eval_answers,
