@@ -48,9 +48,9 @@ def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
     seen = []
     real = cmp._effects
 
-    def spy(model, task, vectors, layer, coefs, settings, progress):
+    def spy(model, task, vectors, layer, coefs, settings, progress, judge):
         seen.extend(vectors)
-        return real(model, task, vectors, layer, coefs, settings, progress)
+        return real(model, task, vectors, layer, coefs, settings, progress, judge)
 
     monkeypatch.setattr(cmp, "_effects", spy)
     settings = CompareSettings(layer=2, methods=("mean_diff", "pca", "probe", "random"),
@@ -95,14 +95,14 @@ def test_sae_feature_rows_pick_the_separating_latent(tiny_llama, tmp_path):
     sae = SparseAutoencoder(SAEConfig(d_in=tiny_llama.d_model, d_sae=64, k=8, hook_layer=2))
     pos = read_activations(tiny_llama, [p.positive for p in PAIRS], [2], position="mean")[2]
     neg = read_activations(tiny_llama, [p.negative for p in PAIRS], [2], position="mean")[2]
-    feature = SAEFeature(sae)
+    feature = SAEFeature(sae, by="difference")
     direction = feature.fit(pos, neg)
     diff = sae.encode(pos).mean(0) - sae.encode(neg).mean(0)
     assert feature.latent_ == int(diff.argmax())
     assert torch.equal(direction, sae.W_dec[feature.latent_].detach())
     path = save_sae(sae, tmp_path / "sae")
     settings = CompareSettings(layer=2, methods=("mean_diff", "sae"), n_pairs=(1, 3), seeds=1,
-                               coefs=(1.0,), sae=str(path))
+                               coefs=(1.0,), sae=str(path), sae_select="difference")
     res = compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])
     sae_rows = [r for r in res.rows if r["method"] == "sae"]
     assert len(sae_rows) == 2 and all(0 <= r["latent"] < 64 for r in sae_rows)
@@ -117,3 +117,50 @@ def test_sae_feature_rows_pick_the_separating_latent(tiny_llama, tmp_path):
     wrong = CompareSettings(layer=1, methods=("sae",), n_pairs=(1,), seeds=1, sae=str(path))
     with pytest.raises(ValueError, match="pass --layer 2"):
         compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), wrong, ["hi"])
+
+
+def test_sae_clamp_rows_clamp_inside_the_sae(tiny_llama, tmp_path):
+    """With every latent off, clamping latent i to c x norm / |W_dec[i]| adds exactly the decoder
+    row at the common norm times c: the clamp rows must then match the added rows."""
+    from avec.sae import SAEConfig, SparseAutoencoder, save_sae
+    from avec.sae.steer import steer_features
+    from avec.evaluate.side_effects import kl_divergence, reference_logprobs
+
+    sae = SparseAutoencoder(SAEConfig(d_in=tiny_llama.d_model, d_sae=16, activation="relu",
+                                      hook_layer=1))
+    with torch.no_grad():
+        sae.b_enc.fill_(-1e4)  # nothing ever fires
+        sae.W_dec.mul_(3.0)  # rows of norm 3: the clamp value must undo it
+    path = save_sae(sae, tmp_path / "sae")
+    settings = CompareSettings(layer=1, methods=("sae", "sae_clamp"), n_pairs=(2,), seeds=1,
+                               coefs=(2.0, 8.0), sae=str(path), max_new_tokens=6)
+    task = Task(prompts=["hi", "the cat"], keywords=["love"])
+    res = compare(tiny_llama, PAIRS, task, settings, ["hi", "yo"])
+    add, clamp = res.rows
+    assert (add["method"], clamp["method"]) == ("sae", "sae_clamp")
+    assert add["latent"] == clamp["latent"] == 0 and add["pairs"] == clamp["pairs"]
+    assert clamp["kl"][0] == 0.0 and clamp["kl"][2] > 0
+    assert clamp["kl"] == pytest.approx(add["kl"], rel=1e-4, abs=1e-6)
+    assert clamp["effects"] == pytest.approx(add["effects"])
+    assert clamp["best_coef"] == add["best_coef"]
+    assert clamp["best_completions"] == add["best_completions"]
+    # the KL at coefficient 8 is the model's with the latent clamped to 8 x norm / 3
+    reference = reference_logprobs(tiny_llama, ["hi", "yo"])  # unsteered
+    with steer_features(tiny_llama, sae, 1, clamp={0: 8.0 * res.common_norm / 3.0}):
+        by_hand = kl_divergence(tiny_llama, ["hi", "yo"], None, 1, [0.0],
+                                reference=reference)[0]
+    assert clamp["kl"][2] == pytest.approx(by_hand, rel=1e-5)
+    assert res.task["sae"]["select"] == "selective"
+    with pytest.raises(ValueError, match="sae_clamp"):
+        compare(tiny_llama, PAIRS, task, CompareSettings(layer=1, methods=("sae_clamp",)),
+                ["hi"])
+
+
+def test_report_states_the_sae_cost():
+    from avec.evaluate.compare import _sae_html
+
+    assert _sae_html({}) == ""
+    page = _sae_html({"sae": {"path": "/x/sae", "d_sae": 4096, "k": 32, "select": "selective",
+                              "training_tokens": 92107, "training_seconds": {"total": 418.6}}})
+    assert "92,107 tokens, 7.0 min" in page and "4096 latents (k=32)" in page
+    assert "unknown data" in _sae_html({"sae": {"path": "p", "d_sae": 8, "k": None}})

@@ -12,7 +12,7 @@ from avec.cli import main
 from avec.data import ContrastPair, save_jsonl_pairs
 from avec.models import Model
 from avec.sae import SAEConfig, SparseAutoencoder, load_sae
-from avec.sae.corpus import collect_activations, load_texts, sample_corpus
+from avec.sae.corpus import collect_activations, load_texts, sample_corpus, template_skips
 from avec.sae.evaluate import latent_top_examples, rank_latents, reconstruction_loss_increase
 
 TEXTS = ["hello world, this is a test", "short",
@@ -56,6 +56,20 @@ def test_collect_activations_rows_and_batch_invariance(llama):
     torch.testing.assert_close(acts[: len(ids[0]) - 1], ref[1:], atol=1e-5, rtol=1e-5)
     capped = collect_activations(llama, TEXTS, 1, max_tokens=4, skip_first=0)
     assert capped.shape[0] == sum(min(len(x), 4) for x in ids)
+
+
+def test_template_head_is_skipped_per_text(llama):
+    templated = [llama.chat_prompt("Name a colour.") + "Blue.", llama.chat_prompt("Hi") + "Hello"]
+    texts = templated + ["plain text without a template"]
+    skips = template_skips(llama, texts)
+    assert llama.has_chat_template and skips[0] == skips[1] > 1 and skips[2] == 1
+    ids = llama.encode(texts)
+    # the skipped head is the same tokens in both templated texts; what follows differs
+    assert ids[0][:skips[0]] == ids[1][:skips[1]] and ids[0][skips[0]] != ids[1][skips[1]]
+    acts = collect_activations(llama, texts, 1, skip_first=skips)
+    assert acts.shape[0] == sum(len(x) - k for x, k in zip(ids, skips))
+    with pytest.raises(ValueError, match="one per text"):
+        collect_activations(llama, texts, 1, skip_first=[1, 1])
 
 
 def test_load_texts_splits_paragraphs(tmp_path):
@@ -181,6 +195,22 @@ def test_rank_latents_finds_the_marker_latent(llama):
                for e in examples[2])
 
 
+def test_selective_ranking_demotes_a_latent_that_fires_everywhere():
+    from avec.sae.evaluate import latent_scores
+
+    # latent 0: a "style" latent on every text, much stronger on the positives;
+    # latent 1: a concept latent, weaker, but only on the positives
+    pos = torch.tensor([[5.0, 1.0, 0.0], [5.0, 1.0, 0.0], [5.0, 0.0, 0.0], [5.0, 1.0, 0.0]])
+    neg = torch.tensor([[1.0, 0.0, 0.0], [1.0, 0.0, 0.0], [1.0, 0.0, 0.5], [1.0, 0.0, 0.0]])
+    diff = latent_scores(pos, neg, "difference")
+    sel = latent_scores(pos, neg, "selective")
+    assert int(diff.argmax()) == 0 and int(sel.argmax()) == 1
+    assert sel[1] == pytest.approx(0.75 * 0.75)  # difference 0.75 x firing rates 0.75 - 0
+    assert sel[0] == 0.0 and sel[2] == 0.0  # same firing rate; more on the negatives
+    with pytest.raises(ValueError, match="unknown ranking"):
+        latent_scores(pos, neg, "auroc")  # type: ignore[arg-type]
+
+
 # ---- the `avec sae` commands ----------------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, model_dir):
@@ -202,8 +232,9 @@ def test_sae_train_writes_sae_and_record(trained):
     assert sae.cfg.model_name == "tiny-llama"
     record = json.loads((trained / "train.json").read_text())
     assert record["corpus"] == {"source": "sampled", "seed": 3, "temperature": 1.0,
-                                "max_new_tokens": 12, "file": "corpus.jsonl", "n_texts": 8,
-                                "n_train": 6, "n_heldout": 2}
+                                "max_new_tokens": 12, "file": "corpus.jsonl", "n_sampled": 8,
+                                "prompts": "built-in", "n_texts": 8, "n_train": 6,
+                                "n_heldout": 2}
     assert record["steps"] == 30 and record["n_tokens"] > 0 and record["config"]["k"] == 4
     metrics = record["metrics"]
     assert set(metrics) == {"train", "heldout", "ce_loss"}
@@ -234,13 +265,37 @@ def test_sae_train_from_texts(capsys, tmp_path, model_dir):
     assert code == 2 and "--holdout 0" in err
 
 
+def test_sae_train_files_plus_sampled_from_given_prompts(capsys, tmp_path, model_dir):
+    docs = tmp_path / "docs.txt"
+    docs.write_text("\n\n".join(TEXTS), encoding="utf-8")
+    seeds = tmp_path / "seeds.json"
+    seeds.write_text(json.dumps([{"instruction": "Name a colour."},
+                                 {"instruction": "Count to three."}]), encoding="utf-8")
+    out = tmp_path / "sae"
+    code, stdout, _ = run(capsys, "sae", "train", "--model", str(model_dir), "--layer", "1",
+                          "--texts", str(docs), "--sample", "3", "--prompts", str(seeds),
+                          "--sample-tokens", "6", "--latents", "32", "--k", "2", "--steps",
+                          "5", "--holdout", "0", "-o", str(out), "--json")
+    assert code == 0
+    corpus = json.loads(stdout)["corpus"]
+    assert corpus["source"] == "files+sampled" and corpus["prompts"] == [str(seeds)]
+    assert (corpus["n_file_texts"], corpus["n_sampled"], corpus["n_texts"]) == (5, 3, 8)
+    sampled = [json.loads(line)["text"] for line in
+               (out / "corpus.jsonl").read_text().splitlines()]
+    assert len(sampled) == 3  # only the model's texts are saved; the files are referenced
+    assert all("Name a colour." in t or "Count to three." in t for t in sampled)
+    code, _, err = run(capsys, "sae", "train", "--model", str(model_dir), "--layer", "1",
+                       "--texts", str(docs), "--prompts", str(seeds), "-o", str(tmp_path / "y"))
+    assert code == 2 and "--sample" in err
+
+
 def test_sae_features(capsys, tmp_path, model_dir, trained):
     pairs = tmp_path / "pairs.jsonl"
     save_jsonl_pairs([ContrastPair(p, n) for p, n in zip(POSITIVE, NEGATIVE)], pairs)
     out = tmp_path / "features"
     code, stdout, _ = run(capsys, "sae", "features", "--model", str(model_dir), "--sae",
                           str(trained), "--pairs", str(pairs), "--top", "3", "--examples", "2",
-                          "-o", str(out), "--json")
+                          "--rank", "difference", "-o", str(out), "--json")
     assert code == 0
     result = json.loads(stdout)
     assert result == json.loads((out / "features.json").read_text())

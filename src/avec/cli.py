@@ -192,8 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "pools)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--sae", default=None,
-                   help="SAE directory (`avec sae train`, or SAELens format) for the method "
-                        "'sae': the latent that best separates the pairs, along its decoder row")
+                   help="SAE directory (`avec sae train`, or SAELens format) for the methods "
+                        "'sae' (the latent that best marks the pairs, its decoder row added) "
+                        "and 'sae_clamp' (that latent clamped to coef x the common norm inside "
+                        "the SAE, error term kept)")
+    p.add_argument("--sae-select", choices=["selective", "difference"], default="selective",
+                   help="how the SAE methods rank latents: activation difference times "
+                        "firing-rate difference (selective, default) or activation difference")
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
     p.add_argument("--output-dir", "-o", required=True)
     _add_model_args(p)
@@ -557,7 +562,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
         coefs=[float(x) for x in args.coefs.split(",")], kl_budget=args.kl_budget,
         norm=args.norm, chat=is_ab,
         position=args.position or ("ab_letter" if is_ab else "mean"),
-        max_new_tokens=args.max_new_tokens, sae=args.sae)
+        max_new_tokens=args.max_new_tokens, sae=args.sae, sae_select=args.sae_select)
     result = compare(model, pairs, task, settings, kl_prompts, progress=True)
     files = write_outputs(result, out_dir)
     summary = result.summary()

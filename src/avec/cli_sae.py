@@ -32,13 +32,15 @@ def _train_parser(ssub: Any, add_model_args: Callable[[argparse.ArgumentParser],
                         "train.json (settings, corpus, FVE, L0, dead latents, and the model's "
                         "loss with the SAE spliced in on a held-out slice of the texts).")
     q.add_argument("--layer", type=int, required=True, help="block whose output is read")
-    src = q.add_mutually_exclusive_group(required=True)
-    src.add_argument("--texts", nargs="+", metavar="FILE",
-                     help=".txt files (one document per blank-line-separated paragraph) or "
-                          ".json/.jsonl prompt files")
-    src.add_argument("--sample", type=int, metavar="N",
-                     help="have the model write N texts (seeded, temperature 1) from built-in "
-                          "prompts; saved as DIR/corpus.jsonl")
+    q.add_argument("--texts", nargs="+", metavar="FILE",
+                   help=".txt files (one document per blank-line-separated paragraph) or "
+                        ".json/.jsonl prompt files")
+    q.add_argument("--sample", type=int, metavar="N",
+                   help="have the model write N texts (seeded, temperature 1), saved as "
+                        "DIR/corpus.jsonl; with --texts, the corpus is both")
+    q.add_argument("--prompts", nargs="+", metavar="FILE", default=None,
+                   help="seed prompts for --sample (.json/.jsonl/.txt, e.g. an instruction "
+                        "set; default: 40 built-in openers and requests)")
     q.add_argument("--sample-tokens", type=int, default=128,
                    help="new tokens per sampled text (default 128)")
     q.add_argument("--latents", type=int, default=None,
@@ -80,6 +82,10 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     src.add_argument("--texts", nargs="+", metavar="FILE",
                      help="positive texts only (.txt split at blank lines, .json/.jsonl)")
     q.add_argument("--top", type=int, default=10, help="latents reported (default 10)")
+    q.add_argument("--rank", choices=["selective", "difference"], default="selective",
+                   help="with --pairs: activation difference times firing-rate difference "
+                        "(selective, default; demotes latents that fire on most texts) or "
+                        "activation difference")
     q.add_argument("--position", choices=["mean", "last"], default="mean",
                    help="per-text value: mean over tokens after the first, or the last token")
     q.add_argument("--corpus", nargs="+", metavar="FILE", default=None,
@@ -165,29 +171,41 @@ def cmd_train(args: argparse.Namespace) -> int:
     from avec._version import __version__
     from avec.cli import _emit_json, _load, _log
     from avec.sae import SAEError, SAETrainConfig, sae_metrics, save_sae, train_sae
-    from avec.sae.corpus import collect_activations, load_texts, sample_corpus
+    from avec.sae.corpus import (collect_activations, load_texts, sample_corpus,
+                                 template_skips)
     from avec.sae.evaluate import reconstruction_loss_increase
 
     started = time.perf_counter()
-    texts_from_files = load_texts(args.texts) if args.texts else None
+    if not args.texts and not args.sample:
+        raise SAEError("give a corpus: --texts FILE..., --sample N, or both")
+    if args.prompts and not args.sample:
+        raise SAEError("--prompts are seeds for --sample N; pass --sample too")
+    texts = load_texts(args.texts) if args.texts else []
+    seeds = load_texts(args.prompts) if args.prompts else None
     model = _load(args)
     (layer,) = model.check_layers([args.layer])
     config = SAETrainConfig(d_sae=args.latents or 8 * model.d_model, k=args.k, lr=args.lr,
                             batch_size=args.batch_size, epochs=args.epochs, steps=args.steps,
                             seed=args.seed)
-    if texts_from_files is not None:
-        texts = texts_from_files
-        corpus: dict[str, Any] = {"source": "files", "files": [str(p) for p in args.texts]}
-    else:
+    corpus: dict[str, Any] = {"source": "+".join(
+        s for s, on in (("files", args.texts), ("sampled", args.sample)) if on)}
+    if args.texts:
+        corpus.update(files=[str(p) for p in args.texts], n_file_texts=len(texts))
+    sampled: list[str] = []
+    if args.sample:
         _log(f"sampling {args.sample} texts of up to {args.sample_tokens} tokens (seed "
              f"{args.seed})")
-        texts = sample_corpus(model, args.sample, args.sample_tokens, args.seed, progress=True)
-        corpus = {"source": "sampled", "seed": args.seed, "temperature": 1.0,
-                  "max_new_tokens": args.sample_tokens, "file": "corpus.jsonl"}
+        sampled = sample_corpus(model, args.sample, args.sample_tokens, args.seed, seeds,
+                                progress=True)
+        corpus.update(seed=args.seed, temperature=1.0, max_new_tokens=args.sample_tokens,
+                      n_sampled=len(sampled), file="corpus.jsonl",
+                      prompts=[str(p) for p in args.prompts] if args.prompts else "built-in")
+        texts = texts + sampled
     train_texts, held_texts = _split(texts, args.holdout, args.seed)
     corpus.update(n_texts=len(texts), n_train=len(train_texts), n_heldout=len(held_texts))
     t0 = time.perf_counter()
-    acts = collect_activations(model, train_texts, layer, args.max_tokens, progress=True)
+    acts = collect_activations(model, train_texts, layer, args.max_tokens,
+                               skip_first=template_skips(model, train_texts), progress=True)
     collect_seconds = time.perf_counter() - t0
     _log(f"{acts.shape[0]} tokens of {len(train_texts)} texts at layer {layer}; training "
          f"{config.d_sae} latents, k={config.k}")
@@ -201,15 +219,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     sae.cfg.metadata["corpus"] = corpus
     out = Path(args.output)
     save_sae(sae, out)  # before the evaluation, so a failing evaluation loses no training
-    if corpus["source"] == "sampled":
+    if sampled:
         with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in texts)
+            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sampled)
     t0 = time.perf_counter()
     heldout: dict[str, Any] | None = None
     ce: dict[str, Any] | None = None
     if held_texts:
         try:
-            held_acts = collect_activations(model, held_texts, layer, args.max_tokens)
+            held_acts = collect_activations(model, held_texts, layer, args.max_tokens,
+                                            skip_first=template_skips(model, held_texts))
             heldout = sae_metrics(sae, held_acts.to(model.device))
             ce = reconstruction_loss_increase(model, sae, layer, held_texts, args.max_tokens,
                                               progress=True)
@@ -219,7 +238,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             ce = {"error": str(err)}
     summary = {"output": str(out), "layer": layer, "model": model.identity(),
                "d_sae": config.d_sae, "k": config.k, "corpus": corpus,
-               "n_tokens": int(acts.shape[0]), "max_tokens": args.max_tokens, "skip_first": 1,
+               "n_tokens": int(acts.shape[0]), "max_tokens": args.max_tokens,
+               "skip_first": "1, or the chat template's shared head in templated texts",
                "steps": record["steps"], "epochs": record["epochs"],
                "metrics": {"train": record["metrics"], "heldout": heldout, "ce_loss": ce},
                "seconds": {"collect": collect_seconds, "train": record["seconds"],
@@ -246,6 +266,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+_RANKED_BY = {"difference": "mean_positive - mean_negative",
+              "selective": "(mean_positive - mean_negative) x max(0, fire_rate_positive - "
+                           "fire_rate_negative)"}
+
+
 def cmd_features(args: argparse.Namespace) -> int:
     from avec.cli import _emit_json
     from avec.data import load_pairs, pair_texts
@@ -262,7 +287,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     corpus = load_texts(args.corpus) if args.corpus else positive + negative
     sae, model, layer, check = _load_sae_and_model(args)
     rows = rank_latents(model, sae, layer, positive, negative or None, args.position,
-                        top=args.top, max_tokens=args.max_tokens, check_site=check)
+                        by=args.rank, top=args.top, max_tokens=args.max_tokens, check_site=check)
     examples = latent_top_examples(model, sae, layer, corpus, [r["latent"] for r in rows],
                                    k=args.examples, max_tokens=args.max_tokens,
                                    check_site=check)
@@ -283,7 +308,7 @@ def cmd_features(args: argparse.Namespace) -> int:
              **({} if args.corpus else {"positive": e.text_index < len(positive)})}
             for e in examples[latent]]
     result = {"sae": args.sae, "layer": layer, "model": model.name, "position": args.position,
-              "source": source, "ranked_by": "mean_positive - mean_negative" if negative
+              "source": source, "ranked_by": _RANKED_BY[args.rank] if negative
               else "mean_positive", "latents": rows}
     (out / "features.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
                                        encoding="utf-8")

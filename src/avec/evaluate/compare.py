@@ -40,6 +40,9 @@ from avec.models.model import Model
 from avec.vector import SteeringVector
 
 DEFAULT_METHODS = ("mean_diff", "pca", "probe", "actadd", "random")
+SAE_METHODS = ("sae", "sae_clamp")
+"""SAE-feature methods: the picked latent's decoder row added like a vector (``sae``), or the
+latent clamped inside the SAE with the error term kept (``sae_clamp``); both need ``sae=``."""
 
 
 @dataclass
@@ -54,7 +57,8 @@ class CompareSettings:
     chat: bool = False
     position: str | int = "mean"  # for sentence pairs; CAA A/B pools read "ab_letter"
     max_new_tokens: int = 32
-    sae: str | None = None  # SAE directory for the "sae" method (trained at this layer)
+    sae: str | None = None  # SAE directory for the SAE methods (trained at this layer)
+    sae_select: str = "selective"  # how the SAE methods rank latents (avec.sae.evaluate)
 
 
 @dataclass
@@ -130,7 +134,7 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
         raise ValueError(f"every --n-pairs value exceeds the {pool} pairs available")
     sae, sae_info = _load_sae(settings, layer)
     for m in settings.methods:
-        if m != "sae":
+        if m not in SAE_METHODS:
             get_method(m)  # validate names early
     pos_texts, neg_texts = pair_texts(list(pairs), model, chat=settings.chat)
     acts = read_activations(model, pos_texts + neg_texts, [layer], position=settings.position,
@@ -144,7 +148,7 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
         both = text_latents(model, sae, layer, pos_texts + neg_texts, "mean")
         latents = (both[:pool], both[pool:])
     cells: list[dict[str, Any]] = []
-    vectors: list[SteeringVector] = []
+    vectors: list[SteeringVector | None] = []  # None: an SAE clamp, evaluated by _clamp_runs
     for method in settings.methods:
         for n in n_grid:
             if method == "actadd" and n != 1:
@@ -155,21 +159,30 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                 if method == "actadd":
                     direction = extract_actadd(model, pairs[idx[0]], [layer],
                                                chat=settings.chat)[layer]
-                elif method == "sae":
-                    feature = SAEFeature(sae)
+                elif method in SAE_METHODS:
+                    feature = SAEFeature(sae, by=settings.sae_select)
                     direction = (feature.fit_latents(latents[0][idx], latents[1][idx])
                                  if latents is not None else feature.fit(pos[idx], neg[idx]))
-                    extra = {"latent": feature.latent_}
+                    extra = {"latent": feature.latent_, "selection_score": feature.score_}
                 else:
                     fitter = get_method(method, **({"seed": seed} if method == "random" else {}))
                     direction = fitter.fit(pos[idx], neg[idx])
-                vectors.append(SteeringVector({layer: _scaled(direction, common)},
-                                              {"method": method, "n_pairs": n, "seed": seed}))
+                vectors.append(None if method == "sae_clamp" else SteeringVector(
+                    {layer: _scaled(direction, common)},
+                    {"method": method, "n_pairs": n, "seed": seed}))
                 cells.append({"method": method, "n_pairs": n, "seed": seed, "pairs": idx,
                               **extra})
     coefs = [0.0, *[float(c) for c in settings.coefs if c != 0]]
-    effects, texts = _effects(model, task, vectors, layer, coefs, settings, progress)
-    baseline = effects[0][0] if effects else 0.0
+    judge = EmbeddingJudge() if task.kind == "concept" and task.concept else None
+    added = [v for v in vectors if v is not None]
+    effects, texts = _effects(model, task, added or [None], layer, coefs if added else [0.0],
+                              settings, progress, judge)
+    baseline = effects[0][0]
+    unsteered = texts[0][0] if texts else []
+    reference = reference_logprobs(model, kl_prompts)
+    clamped = _clamp_runs(model, task, sae, layer, {c["latent"] for c in cells
+                                                    if c["method"] == "sae_clamp"},
+                          coefs[1:], common, settings, kl_prompts, reference, judge, progress)
     result = CompareResult(settings={**asdict(settings), "coefs": coefs},
                            task={"kind": task.kind, "name": task.name, "n_items": len(task.items),
                                  "n_prompts": len(task.prompts), "concept": task.concept,
@@ -178,30 +191,61 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                  "kl_prompts": len(kl_prompts), **sae_info},
                            baseline=baseline, common_norm=common, model=model.identity(),
                            avec_version=__version__, prompts=list(task.prompts),
-                           unsteered=texts[0][0] if texts else [])
-    reference = reference_logprobs(model, kl_prompts)
-    for k, (cell, vec, eff) in enumerate(tqdm(list(zip(cells, vectors, effects)), desc="KL",
-                                              disable=not progress, leave=False)):
-        # coefficient 0 is the unsteered model itself (bit-identical logits): its KL is 0
-        kls = [0.0, *kl_divergence(model, kl_prompts, vec, layer, coefs[1:],
-                                   reference=reference)]
+                           unsteered=unsteered)
+    runs = iter(zip(effects, texts or [None] * len(effects)))
+    for cell, vec in tqdm(list(zip(cells, vectors)), desc="KL", disable=not progress,
+                          leave=False):
+        if vec is None:
+            eff, kls, said = clamped[cell["latent"]]
+            eff, said = [baseline, *eff], [unsteered, *said]
+        else:
+            eff, said = next(runs)
+            # coefficient 0 is the unsteered model itself (bit-identical logits): its KL is 0
+            kls = kl_divergence(model, kl_prompts, vec, layer, coefs[1:], reference=reference)
+        kls = [0.0, *kls]
         ok = [(e - baseline, c, k) for e, c, k in zip(eff, coefs, kls) if k <= settings.kl_budget]
         best = max(ok, key=lambda x: x[0])  # coefficient 0 is always within budget
         row = {**cell, "effects": eff, "kl": kls, "best_effect": best[0], "best_coef": best[1],
                "best_kl": best[2]}
-        if texts:  # completions at the chosen coefficient, to read what the steering does
-            row["best_completions"] = texts[k][coefs.index(best[1])]
+        if said:  # completions at the chosen coefficient, to read what the steering does
+            row["best_completions"] = said[coefs.index(best[1])]
         result.rows.append(row)
     return result
 
 
+def _clamp_runs(model: Model, task: Task, sae: Any, layer: int, latents: set[int],
+                coefs: list[float], common: float, settings: CompareSettings,
+                kl_prompts: Sequence[str], reference: Sequence[torch.Tensor],
+                judge: EmbeddingJudge | None, progress: bool
+                ) -> dict[int, tuple[list[float], list[float], list[list[str]]]]:
+    """For each latent: scores, KLs and (concept tasks) completions with the latent clamped to
+    ``c * common / |W_dec[latent]|`` for every nonzero coefficient ``c``, inside the SAE with
+    its error term kept. Where the latent is off this adds the decoder row at the same norm as
+    an added direction at coefficient ``c``; where it already fires, it adds only the rest."""
+    from avec.sae.steer import steer_features
+
+    out: dict[int, tuple[list[float], list[float], list[list[str]]]] = {}
+    jobs = [(latent, c) for latent in sorted(latents) for c in coefs]
+    for latent, c in tqdm(jobs, desc="SAE clamp", disable=not progress, leave=False):
+        effs, kls, said = out.setdefault(latent, ([], [], []))
+        value = c * common / float(sae.W_dec[latent].detach().norm())
+        with steer_features(model, sae, layer, clamp={latent: value}):
+            eff, texts = _effects(model, task, [None], layer, [0.0], settings, False, judge)
+            kls.append(kl_divergence(model, kl_prompts, None, layer, [0.0],
+                                     reference=reference)[0])
+        effs.append(eff[0][0])
+        said.append(texts[0][0] if texts else [])
+    return out
+
+
 def _load_sae(settings: CompareSettings, layer: int) -> tuple[Any, dict[str, Any]]:
-    """The SAE for the "sae" method, and what it cost to make (its training tokens)."""
-    if "sae" not in settings.methods:
+    """The SAE for the SAE methods, and what it cost to make (its training tokens)."""
+    wanted = [m for m in settings.methods if m in SAE_METHODS]
+    if not wanted:
         return None, {}
     if not settings.sae:
-        raise ValueError("the 'sae' method needs an SAE: pass --sae DIR (from `avec sae train` "
-                         "or a SAELens directory) trained at the comparison's layer")
+        raise ValueError(f"the {wanted} method(s) need an SAE: pass --sae DIR (from `avec sae "
+                         f"train` or a SAELens directory) trained at the comparison's layer")
     from avec.sae.io import load_sae
 
     sae = load_sae(settings.sae)
@@ -210,7 +254,7 @@ def _load_sae(settings: CompareSettings, layer: int) -> tuple[Any, dict[str, Any
         raise ValueError(f"the SAE in {settings.sae} reads layer {site}, but the comparison "
                          f"steers layer {layer}; pass --layer {site}")
     info: dict[str, Any] = {"sae": {"path": str(settings.sae), "d_sae": sae.d_sae,
-                                    "k": sae.cfg.k}}
+                                    "k": sae.cfg.k, "select": settings.sae_select}}
     record = Path(settings.sae) / "train.json"
     if record.is_file():
         train = json.loads(record.read_text())
@@ -219,18 +263,18 @@ def _load_sae(settings: CompareSettings, layer: int) -> tuple[Any, dict[str, Any
     return sae, info
 
 
-def _effects(model: Model, task: Task, vectors: list[SteeringVector], layer: int,
-             coefs: list[float], settings: CompareSettings, progress: bool
-             ) -> tuple[list[list[float]], list[list[list[str]]]]:
+def _effects(model: Model, task: Task, vectors: Sequence[SteeringVector | None], layer: int,
+             coefs: list[float], settings: CompareSettings, progress: bool,
+             judge: EmbeddingJudge | None) -> tuple[list[list[float]], list[list[list[str]]]]:
     """Scores ``[vector][coef]``, and for concept tasks the completions ``[vector][coef][prompt]``
-    (empty for A/B tasks)."""
+    (empty for A/B tasks). A ``None`` vector (coefficient 0 only) is the model as it is, with
+    any steering already in force (the SAE clamp)."""
     if task.kind == "ab":
         scores = ab_variants(model, task.items, [(v, layer) for v in vectors], coefs,
                              progress=progress)
         return scores.mean(-1).tolist(), []
     if not task.prompts or not (task.concept or task.keywords):
         raise ValueError("a concept comparison needs prompts and a concept or keywords")
-    judge = EmbeddingJudge() if task.concept else None
     variants = [(vec, c) for vec in vectors for c in coefs]
     texts = variant_completions(model, task.prompts, variants,
                                 max_new_tokens=settings.max_new_tokens, progress=progress)
@@ -335,6 +379,25 @@ def _samples_html(result: CompareResult, n_prompts: int = 3) -> str:
             "useful and within budget), seed 0, largest pair count.</p>" + "".join(blocks))
 
 
+def _sae_html(task: dict[str, Any]) -> str:
+    """What the SAE rows cost beyond their pairs: the SAE's own training data and time."""
+    sae = task.get("sae")
+    if not sae:
+        return ""
+    tokens = sae.get("training_tokens")
+    seconds = sae.get("training_seconds")  # train.json's {"collect", "train", ..., "total"}
+    if isinstance(seconds, dict):
+        seconds = seconds.get("total")
+    cost = (f"{tokens:,} tokens" if tokens else "unknown data (no train.json)") + (
+        f", {seconds / 60:.1f} min" if seconds else "")
+    return (f"<p><b>SAE rows</b> (sae: the latent's decoder row added; sae_clamp: the latent "
+            f"clamped to coef × the common norm inside the SAE, error term kept): the latent is "
+            f"picked from the column's pairs ({html.escape(str(sae.get('select', '?')))} "
+            f"ranking), from an SAE of {sae.get('d_sae')} latents (k={sae.get('k')}) at "
+            f"{html.escape(str(sae.get('path')))}, whose training cost {cost}: a cost paid "
+            f"once and amortised over every concept, not counted in the pair columns.</p>")
+
+
 def render_report(result: CompareResult, summary: list[dict[str, Any]], out: Path) -> str:
     s, t = result.settings, result.task
     methods = list(dict.fromkeys(x["method"] for x in summary))
@@ -369,7 +432,7 @@ coefficient whose KL divergence on {t['kl_prompts']} neutral prompts stays withi
 ({result.common_norm:.2f}, {norm_src}); pool: {t['pool_pairs']} pairs{source};
 coefficients {', '.join(f'{c:g}' for c in s['coefs'])}; {s['seeds']} seeds, each seed the same pair
 subset for every method; ActAdd uses one pair, injected at the front positions.</p>
-<table><tr><th>method \\ pairs</th>{head}</tr>{body}</table>
+<table><tr><th>method \\ pairs</th>{head}</tr>{body}</table>{_sae_html(t)}
 <p><small>mean ± standard deviation over seeds; KL: mean KL at the chosen coefficient.</small></p>
 <img src="data:image/png;base64,{_png_b64(out / 'effect_vs_pairs.png')}" alt="effect vs pairs">
 <img src="data:image/png;base64,{_png_b64(out / 'effect_vs_kl.png')}" alt="effect vs KL">

@@ -1,10 +1,14 @@
-"""An SAE latent as a direction: the latent whose activation differs most between the positive
-and the negative activations, steered along its decoder row (Templeton et al. 2024 style
-feature steering, picked from the same pairs every other method sees).
+"""An SAE latent as a direction: the latent that best marks the positive activations against
+the negative ones (:func:`avec.sae.evaluate.latent_scores`; by default its activation
+difference weighted by its firing-rate difference), picked from the same pairs every other
+method sees (Templeton et al. 2024 style feature steering).
 
-``avec compare`` scores the latents of sentence pairs per token and averages them over each
-text (``fit_latents``); for A/B pools it encodes the one activation read per text (``fit``). The SAE itself is trained
-elsewhere (``avec sae train``); its data cost is reported separately by the comparison.
+The direction is the latent's decoder row. ``avec compare`` steers it two ways: added like any
+vector (method ``sae``), or by clamping the latent inside the SAE with the error term kept
+(method ``sae_clamp``, :func:`avec.sae.steer_features`). For sentence pairs it scores each
+token's latents averaged over the text (``fit_latents``); for A/B pools it encodes the one
+activation read per text (``fit``). The SAE itself is trained elsewhere (``avec sae train``);
+its data cost is reported separately by the comparison.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from avec.methods.base import check_pair_tensors
 @dataclass
 class SAEFeature:
     sae: Any  # avec.sae.SparseAutoencoder
+    by: str = "selective"  # avec.sae.evaluate.RANKINGS
     name: str = "sae"
     latent_: int | None = field(default=None, init=False)
     score_: float | None = field(default=None, init=False)
@@ -36,9 +41,10 @@ class SAEFeature:
     def fit_latents(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         """Pick the latent from latent activations already computed per text (e.g. the mean of
         each token's latents, which is what ``avec compare`` uses for sentence pairs)."""
+        from avec.sae.evaluate import latent_scores
+
         check_pair_tensors(positive, negative)
-        w = self.sae.W_dec
-        diff = positive.mean(0) - negative.mean(0)
-        self.latent_ = int(diff.argmax())
-        self.score_ = float(diff[self.latent_])
-        return w[self.latent_].detach().float().cpu().clone()
+        scores = latent_scores(positive, negative, self.by)  # type: ignore[arg-type]
+        self.latent_ = int(scores.argmax())
+        self.score_ = float(scores[self.latent_])
+        return self.sae.W_dec[self.latent_].detach().float().cpu().clone()

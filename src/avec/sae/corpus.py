@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
+from os.path import commonprefix
 from pathlib import Path
 
 import torch
@@ -133,26 +134,41 @@ def sample_corpus(model: Model, n_texts: int, max_new_tokens: int = 128, seed: i
     return texts
 
 
+def template_skips(model: Model, texts: Sequence[str], default: int = 1) -> list[int]:
+    """Tokens to skip per text: the chat template's shared head (system prompt and the user
+    turn's opening, the same tokens in every chat-templated text, so identical activations
+    that would crowd a training set) for texts that start with it, else ``default``."""
+    if not model.has_chat_template:
+        return [default] * len(texts)
+    head = commonprefix([model.chat_prompt("a"), model.chat_prompt("b")])
+    if not head:
+        return [default] * len(texts)
+    n_head = max(default, len(model.encode([head])[0]))
+    return [n_head if t.startswith(head) else default for t in texts]
+
+
 @torch.no_grad()
 def collect_activations(model: Model, texts: Sequence[str], layer: int, max_tokens: int = 128,
-                        batch_size: int = 16, skip_first: int = 1,
+                        batch_size: int = 16, skip_first: int | Sequence[int] = 1,
                         progress: bool = False) -> torch.Tensor:
     """Block ``layer``'s output at every real token of ``texts``: ``[N_tokens, d_model]``,
     float32 on the CPU.
 
     Rows come text by text in input order, each text's tokens in order, from token
-    ``skip_first`` to the last of its first ``max_tokens`` tokens (texts with no tokens past
-    ``skip_first`` contribute nothing). Padding and batching do not change the rows beyond
-    float tolerance.
+    ``skip_first`` (one number, or one per text, e.g. :func:`template_skips`) to the last of
+    its first ``max_tokens`` tokens (texts with no tokens past their skip contribute nothing).
+    Padding and batching do not change the rows beyond float tolerance.
     """
-    if skip_first < 0:
-        raise SAEError(f"skip_first must be >= 0, got {skip_first}")
+    skips = [skip_first] * len(texts) if isinstance(skip_first, int) else list(skip_first)
+    if len(skips) != len(texts) or any(k < 0 for k in skips):
+        raise SAEError(f"skip_first must be >= 0, one number or one per text ({len(texts)}), "
+                       f"got {skip_first}")
     parts: dict[int, torch.Tensor] = {}
     for i, _ids, hidden in layer_outputs(model, texts, layer, max_tokens=max_tokens,
                                          batch_size=batch_size, progress=progress):
-        parts[i] = hidden[skip_first:].float().cpu()
+        parts[i] = hidden[skips[i]:].float().cpu()
     rows = [parts[i] for i in sorted(parts) if parts[i].shape[0]]
     if not rows:
         raise SAEError(f"no tokens to read: the {len(texts)} text(s) have no tokens after the "
-                       f"first {skip_first}; pass longer texts or a smaller skip_first")
+                       f"skipped ones ({skip_first}); pass longer texts or a smaller skip_first")
     return torch.cat(rows)

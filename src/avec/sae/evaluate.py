@@ -15,11 +15,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from avec.activations import pad_batch
+from avec.activations import layer_outputs, pad_batch
 from avec.evaluate.top_examples import TopExample
 from avec.hooks import block_output, replace_block_output
 from avec.models.model import Model
-from avec.activations import layer_outputs
 from avec.sae.model import SAEError, SparseAutoencoder
 from avec.sae.steer import check_fit
 
@@ -168,13 +167,41 @@ def text_latents(model: Model, sae: SparseAutoencoder, layer: int, texts: Sequen
     return out
 
 
+Ranking = Literal["selective", "difference"]
+RANKINGS: tuple[str, ...] = ("selective", "difference")
+
+
+def latent_scores(positive: torch.Tensor, negative: torch.Tensor,
+                  by: Ranking = "selective") -> torch.Tensor:
+    """How well each latent marks the positives, from per-text latent values ``[n, d_sae]``.
+
+    ``"difference"``: mean on the positives minus mean on the negatives. ``"selective"``
+    (default): that difference times the difference of firing rates (fraction of texts where
+    the latent is > 0) on positives and negatives, so a latent that fires on nearly every text
+    (a style, format or position latent) ranks low even when it fires harder on the
+    positives, and a latent that fires only on the positives keeps its whole difference.
+    """
+    if by not in RANKINGS:
+        raise SAEError(f"unknown ranking {by!r}; use one of {list(RANKINGS)}")
+    if positive.shape[1:] != negative.shape[1:] or positive.dim() != 2:
+        raise SAEError(f"positive and negative latents must be [n, d_sae] with the same d_sae, "
+                       f"got {tuple(positive.shape)} and {tuple(negative.shape)}")
+    pos, neg = positive.double(), negative.double()
+    diff = pos.mean(0) - neg.mean(0)
+    if by == "difference":
+        return diff
+    rate = (pos > 0).double().mean(0) - (neg > 0).double().mean(0)
+    return diff * rate.clamp(min=0)
+
+
 def rank_latents(model: Model, sae: SparseAutoencoder, layer: int,
                  positive_texts: Sequence[str], negative_texts: Sequence[str] | None = None,
-                 position: Position = "mean", *, top: int | None = None,
-                 max_tokens: int = 128, batch_size: int = 16, skip_first: int = 1,
-                 check_site: bool = True) -> list[dict[str, Any]]:
-    """Latents ranked by mean activation on positive minus negative texts (or by mean
-    activation on the positives when there are no negatives), best first, ties by index.
+                 position: Position = "mean", *, by: Ranking = "selective",
+                 top: int | None = None, max_tokens: int = 128, batch_size: int = 16,
+                 skip_first: int = 1, check_site: bool = True) -> list[dict[str, Any]]:
+    """Latents ranked by :func:`latent_scores` (``by``) of positive against negative texts (or
+    by mean activation on the positives when there are no negatives), best first, ties by
+    index.
 
     Each row: ``latent``, ``score`` (what was ranked by), ``mean_positive``,
     ``fire_rate_positive`` (fraction of texts whose per-text value is > 0) and, with
@@ -190,7 +217,7 @@ def rank_latents(model: Model, sae: SparseAutoencoder, layer: int,
            if negative_texts else None)
     mean_pos = pos.double().mean(0)
     mean_neg = neg.double().mean(0) if neg is not None else None
-    score = mean_pos - mean_neg if mean_neg is not None else mean_pos
+    score = latent_scores(pos, neg, by) if neg is not None else mean_pos
     order = torch.sort(score, descending=True, stable=True).indices
     if top is not None:
         order = order[:max(0, top)]
@@ -200,7 +227,8 @@ def rank_latents(model: Model, sae: SparseAutoencoder, layer: int,
             "latent": latent, "score": float(score[latent]),
             "mean_positive": float(mean_pos[latent]),
             "mean_negative": None if mean_neg is None else float(mean_neg[latent]),
-            "difference": None if mean_neg is None else float(score[latent]),
+            "difference": None if mean_neg is None else float(mean_pos[latent]
+                                                               - mean_neg[latent]),
             "fire_rate_positive": float((pos[:, latent] > 0).double().mean()),
             "fire_rate_negative": None if neg is None else float((neg[:, latent] > 0)
                                                                  .double().mean())})
