@@ -151,6 +151,13 @@ def test_reconstruction_loss_increase(llama):
     assert flat["ce_sae"] == pytest.approx(flat["ce_mean_ablation"], abs=1e-4)
     assert flat["fraction_recovered_mean"] == pytest.approx(0.0, abs=1e-3)
     assert flat["ce_clean"] == pytest.approx(perfect["ce_clean"], abs=1e-5)
+    # per-text skips: only predictions from each text's own skip + 1 on are counted
+    skips = [1, 3, 2, 1, 4]
+    per_text = reconstruction_loss_increase(llama, identity_sae(llama.d_model, layer), layer,
+                                            TEXTS, skip_first=skips, batch_size=2)
+    assert per_text["n_predictions"] == sum(len(x) - k - 1 for x, k in zip(ids, skips)
+                                            if len(x) >= k + 2)
+    assert per_text["ce_increase"] == pytest.approx(0.0, abs=1e-5)
 
 
 def marker_sae(model: Model, layer: int = 0) -> SparseAutoencoder:

@@ -227,11 +227,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     ce: dict[str, Any] | None = None
     if held_texts:
         try:
+            held_skips = template_skips(model, held_texts)
             held_acts = collect_activations(model, held_texts, layer, args.max_tokens,
-                                            skip_first=template_skips(model, held_texts))
+                                            skip_first=held_skips)
             heldout = sae_metrics(sae, held_acts.to(model.device))
             ce = reconstruction_loss_increase(model, sae, layer, held_texts, args.max_tokens,
-                                              progress=True)
+                                              skip_first=held_skips, progress=True)
         except SAEError as err:  # e.g. held-out texts too short to predict a token
             _log(f"warning: no held-out evaluation: {err}")
             heldout = heldout or {"error": str(err)}

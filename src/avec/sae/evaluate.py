@@ -57,7 +57,7 @@ def _fraction(ablated: float, spliced: float, clean: float) -> float | None:
 @torch.no_grad()
 def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: int,
                                  texts: Sequence[str], max_tokens: int = 128, *,
-                                 skip_first: int = 1, batch_size: int = 8,
+                                 skip_first: int | Sequence[int] = 1, batch_size: int = 8,
                                  check_site: bool = True,
                                  progress: bool = False) -> dict[str, Any]:
     """The model's mean next-token cross-entropy on ``texts`` with block ``layer``'s output
@@ -65,8 +65,10 @@ def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: in
     references, replaced by zeros (``ce_zero_ablation``) or by its mean over these texts'
     replaced positions (``ce_mean_ablation``).
 
-    Replaced positions: every real token from index ``skip_first`` on (the first tokens, an
-    attention sink the SAE was not trained on, keep their activation in every variant). The
+    Replaced positions: every real token from index ``skip_first`` on (one number, or one per
+    text as from :func:`avec.sae.corpus.template_skips`; the first tokens, an attention sink
+    or a shared chat-template head the SAE was not trained on, keep their activation in every
+    variant). The
     loss averages the predictions made at replaced positions, i.e. of tokens ``skip_first + 1``
     onwards, so every counted prediction sees the change; texts are cut to ``max_tokens``
     tokens, and texts too short for one such prediction are left out.
@@ -76,19 +78,24 @@ def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: in
     mean ablation (None when the reference equals the clean loss).
     """
     layer = check_fit(model, sae, layer, check_site)
-    if skip_first < 0 or max_tokens < 2 or batch_size < 1:
-        raise SAEError(f"need skip_first >= 0, max_tokens >= 2 and batch_size >= 1, got "
-                       f"{skip_first}, {max_tokens}, {batch_size}")
+    skips = [skip_first] * len(texts) if isinstance(skip_first, int) else list(skip_first)
+    if (len(skips) != len(texts) or any(k < 0 for k in skips) or max_tokens < 2
+            or batch_size < 1):
+        raise SAEError(f"need skip_first >= 0 (one number or one per text), max_tokens >= 2 and "
+                       f"batch_size >= 1, got {skip_first}, {max_tokens}, {batch_size}")
     ids = [x[:max_tokens] for x in model.encode(list(texts))]
-    usable = sorted((x for x in ids if len(x) >= skip_first + 2), key=len, reverse=True)
+    usable = sorted(((x, k) for x, k in zip(ids, skips) if len(x) >= k + 2),
+                    key=lambda xk: len(xk[0]), reverse=True)
     if not usable:
-        raise SAEError(f"no text has more than {skip_first + 1} tokens; pass longer texts to "
+        raise SAEError(f"no text has more than {skip_first} + 1 tokens; pass longer texts to "
                        f"measure the loss")
     batches = []
     for start in range(0, len(usable), batch_size):
-        input_ids, mask, pos = pad_batch(usable[start:start + batch_size],
-                                         model.tokenizer.pad_token_id, "right", model.device)
-        batches.append((input_ids, mask, pos, mask.bool() & (pos >= skip_first)))
+        chunk = usable[start:start + batch_size]
+        input_ids, mask, pos = pad_batch([x for x, _ in chunk], model.tokenizer.pad_token_id,
+                                         "right", model.device)
+        first = torch.tensor([k for _, k in chunk], device=pos.device).unsqueeze(1)
+        batches.append((input_ids, mask, pos, mask.bool() & (pos >= first)))
 
     total = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     count = 0
@@ -123,7 +130,8 @@ def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: in
     bar.close()
     ce = {name: value / count for name, value in total.items()}
     return {"layer": layer, "n_texts": len(usable), "n_predictions": count,
-            "skip_first": skip_first, "max_tokens": max_tokens,
+            "skip_first": skip_first if isinstance(skip_first, int) else "per text",
+            "max_tokens": max_tokens,
             "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_increase": ce["sae"] - ce["clean"],
             "ce_zero_ablation": ce["zero"], "ce_mean_ablation": ce["mean"],
             "fraction_recovered": _fraction(ce["zero"], ce["sae"], ce["clean"]),
