@@ -5,7 +5,8 @@
 #   2. SAE features (decoder row added: `sae`; latent clamped in the SAE: `sae_clamp`) vs mean
 #      difference on AxBench concepts 1 and 8 with each SAE, and on CAA sycophancy A/B;
 #   3. the feature ranking for concept 8 under both rankings.
-# About 2 hours on 2 cores. SAEs and derived inputs go to $WORK; an SAE directory that already
+#   4. a sweep of SAE size and k on the model-written corpus.
+# About 2.5 hours on 2 cores. SAEs and derived inputs go to $WORK; an SAE directory that already
 # has its train.json is reused, not retrained.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -61,3 +62,13 @@ $AVEC compare --pairs "$DATA/caa/sycophancy/generate_dataset.json" \
   --data "$DATA/caa/sycophancy/test_dataset_ab.json" --pool 128 --limit 50 \
   --name "CAA sycophancy" --layer 10 --methods mean_diff,sae,sae_clamp --sae "$WORK/sae-l10" \
   --n-pairs 1,3,32,128 --seeds 2 --coefs 1,4,16 -o "$OUT/compare_sycophancy"
+# size and sparsity: the model-written corpus again (same texts, same held-out split)
+mkdir -p "$OUT/sweep"
+for spec in "8192 32" "4096 16" "4096 64"; do
+  set -- $spec
+  dir="$WORK/sae-l10-sampled-$1-k$2"
+  [ -f "$dir/train.json" ] ||
+    $AVEC sae train --layer 10 --latents "$1" --k "$2" --epochs 10 --batch-size 512 --lr 0.002 \
+      --texts "$WORK/sae-l10-sampled/corpus.jsonl" -o "$dir"
+  cp "$dir/train.json" "$OUT/sweep/train_$1_k$2.json"
+done

@@ -170,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", type=int, default=None,
                    help="block whose output is read and steered (default: a third of the depth, "
                         "10 on the default model)")
-    p.add_argument("--methods", default=",".join(["mean_diff", "pca", "probe", "actadd", "random"]))
+    p.add_argument("--methods", default=",".join(["mean_diff", "pca", "probe", "actadd", "random"]),
+                   help="comma-separated, from mean_diff, pca, probe, actadd, random, sae and "
+                        "sae_clamp (the SAE methods need --sae; default: the first five)")
     p.add_argument("--n-pairs", default="1,3,8,32,128,256",
                    help="pair counts (values above the pool size are skipped)")
     p.add_argument("--seeds", type=int, default=3)
