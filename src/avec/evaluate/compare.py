@@ -9,6 +9,12 @@
    over the unsteered model, and its side effect the KL divergence on neutral prompts.
 4. A cell's result is its best effect among the coefficients whose KL stays within the budget
    (coefficient 0, no effect, is always within it).
+
+SAE methods pick one latent from the same n pairs. ``sae`` adds its decoder row like any
+direction; ``sae_clamp`` clamps the latent to ``coef x common norm`` (in decoder-row units)
+inside the SAE, keeping the error term, which equals adding the row at that coefficient where
+the latent is off and adds less where it already fires. The SAE's own training data is
+reported beside the table as an amortised cost, not counted in the pairs.
 """
 
 from __future__ import annotations
