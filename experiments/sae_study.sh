@@ -61,7 +61,7 @@ done
 $AVEC compare --pairs "$DATA/caa/sycophancy/generate_dataset.json" \
   --data "$DATA/caa/sycophancy/test_dataset_ab.json" --pool 128 --limit 50 \
   --name "CAA sycophancy" --layer 10 --methods mean_diff,sae,sae_clamp --sae "$WORK/sae-l10" \
-  --n-pairs 1,3,32,128 --seeds 2 --coefs 1,4,16 -o "$OUT/compare_sycophancy"
+  --n-pairs 1,3,32,128 --seeds 2 --coefs 4,16,32,64 -o "$OUT/compare_sycophancy"
 # size and sparsity: the model-written corpus again (same texts, same held-out split)
 mkdir -p "$OUT/sweep"
 for spec in "8192 32" "4096 16" "4096 64"; do
