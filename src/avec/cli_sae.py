@@ -27,8 +27,9 @@ def _train_parser(ssub: Any, add_model_args: Callable[[argparse.ArgumentParser],
 
     d = SimpleNamespace(**{f.name: f.default for f in fields(SAETrainConfig)})
     q = ssub.add_parser("train", help="train a TopK SAE on one layer's activations",
-                        description="Collect block --layer's output at every token (after the "
-                        "first) of a corpus, train a TopK SAE on it, and save it with "
+                        description="Collect block --layer's output at every token of a corpus "
+                        "(after the first, and after the chat template's shared head in "
+                        "templated texts), train a TopK SAE on it, and save it with "
                         "train.json (settings, corpus, FVE, L0, dead latents, and the model's "
                         "loss with the SAE spliced in on a held-out slice of the texts).")
     q.add_argument("--layer", type=int, required=True, help="block whose output is read")
