@@ -161,6 +161,7 @@ def test_report_states_the_sae_cost():
 
     assert _sae_html({}) == ""
     page = _sae_html({"sae": {"path": "/x/sae", "d_sae": 4096, "k": 32, "select": "selective",
-                              "training_tokens": 92107, "training_seconds": {"total": 418.6}}})
-    assert "92,107 tokens, 7.0 min" in page and "4096 latents (k=32)" in page
+                              "training_tokens": 92107,
+                              "training_seconds": {"total": 418.6, "evaluate": 94.4}}})
+    assert "92,107 tokens, 5.4 min to make" in page and "4096 latents (k=32)" in page
     assert "unknown data" in _sae_html({"sae": {"path": "p", "d_sae": 8, "k": None}})

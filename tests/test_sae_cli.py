@@ -249,7 +249,8 @@ def test_sae_train_writes_sae_and_record(trained):
         assert key in metrics["train"] and key in metrics["heldout"]
     assert metrics["train"]["l0"] <= 4
     assert metrics["ce_loss"]["ce_sae"] > 0 and "fraction_recovered" in metrics["ce_loss"]
-    assert record["seconds"]["total"] > 0
+    seconds = record["seconds"]
+    assert seconds["sample"] > 0 and seconds["total"] >= seconds["sample"] + seconds["train"]
     assert len((trained / "corpus.jsonl").read_text().splitlines()) == 8
 
 

@@ -193,11 +193,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.texts:
         corpus.update(files=[str(p) for p in args.texts], n_file_texts=len(texts))
     sampled: list[str] = []
+    sample_seconds = 0.0
     if args.sample:
         _log(f"sampling {args.sample} texts of up to {args.sample_tokens} tokens (seed "
              f"{args.seed})")
+        t0 = time.perf_counter()
         sampled = sample_corpus(model, args.sample, args.sample_tokens, args.seed, seeds,
                                 progress=True)
+        sample_seconds = time.perf_counter() - t0
         corpus.update(seed=args.seed, temperature=1.0, max_new_tokens=args.sample_tokens,
                       n_sampled=len(sampled), file="corpus.jsonl",
                       prompts=[str(p) for p in args.prompts] if args.prompts else "built-in")
@@ -244,7 +247,8 @@ def cmd_train(args: argparse.Namespace) -> int:
                "skip_first": "1, or the chat template's shared head in templated texts",
                "steps": record["steps"], "epochs": record["epochs"],
                "metrics": {"train": record["metrics"], "heldout": heldout, "ce_loss": ce},
-               "seconds": {"collect": collect_seconds, "train": record["seconds"],
+               "seconds": {"sample": sample_seconds, "collect": collect_seconds,
+                           "train": record["seconds"],
                            "evaluate": time.perf_counter() - t0,
                            "total": time.perf_counter() - started}}
     document = {**summary, "config": record["config"], "history": record["history"],

@@ -392,10 +392,10 @@ def _sae_html(task: dict[str, Any]) -> str:
         return ""
     tokens = sae.get("training_tokens")
     seconds = sae.get("training_seconds")  # train.json's {"collect", "train", ..., "total"}
-    if isinstance(seconds, dict):
-        seconds = seconds.get("total")
+    if isinstance(seconds, dict):  # to make it: everything but the evaluation afterwards
+        seconds = (seconds["total"] - seconds.get("evaluate", 0.0)) if "total" in seconds else None
     cost = (f"{tokens:,} tokens" if tokens else "unknown data (no train.json)") + (
-        f", {seconds / 60:.1f} min" if seconds else "")
+        f", {seconds / 60:.1f} min to make (corpus, activations, training)" if seconds else "")
     return (f"<p><b>SAE rows</b> (sae: the latent's decoder row added; sae_clamp: the latent "
             f"clamped to coef × the common norm inside the SAE, error term kept): the latent is "
             f"picked from the column's pairs ({html.escape(str(sae.get('select', '?')))} "
