@@ -333,17 +333,16 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 def cmd_steer(args: argparse.Namespace) -> int:
     from avec.cli import _emit_json
-    from avec.generation import format_prompt, generate_ids
+    from avec.generation import variant_completions
     from avec.sae import steer_features
 
     sae, model, layer, check = _load_sae_and_model(args)
     setting = {args.latent: args.clamp if args.clamp is not None else args.add}
     kind = "clamp" if args.clamp is not None else "add"
-    encoded = [format_prompt(model, p, args.chat)[0] for p in args.prompt]
 
-    def complete() -> list[str]:
-        new = generate_ids(model, encoded, args.max_new_tokens)
-        return [model.tokenizer.decode(t, skip_special_tokens=True).strip() for t in new]
+    def complete() -> list[str]:  # greedy, under whatever steering is in force
+        return variant_completions(model, args.prompt, [(None, 0.0)],
+                                   max_new_tokens=args.max_new_tokens, chat=args.chat)[0]
 
     with steer_features(model, sae, layer, check_site=check, **{kind: setting}):
         steered = complete()

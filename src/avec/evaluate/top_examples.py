@@ -45,6 +45,13 @@ def token_projections(model: Model, texts: Sequence[str], direction: torch.Tenso
     return out
 
 
+def peak_token(scores: Sequence[float], skip_first: int = 1) -> int:
+    """Index of the highest score from index ``skip_first`` on (from 0 when the text is not
+    longer than that): the token a text is ranked by."""
+    start = skip_first if len(scores) > skip_first else 0
+    return max(range(start, len(scores)), key=scores.__getitem__)
+
+
 def top_examples(model: Model, texts: Sequence[str], direction: torch.Tensor, layer: int, *,
                  k: int = 20, max_tokens: int = 128, skip_first: int = 1,
                  progress: bool = False) -> list[TopExample]:
@@ -57,9 +64,7 @@ def top_examples(model: Model, texts: Sequence[str], direction: torch.Tensor, la
                                      progress=progress)
     ranked = []
     for i, (ids, scores) in enumerate(projections):
-        usable = scores[skip_first:] or scores
-        offset = skip_first if scores[skip_first:] else 0
-        best = max(range(len(usable)), key=usable.__getitem__) + offset
+        best = peak_token(scores, skip_first)
         tokens = [model.tokenizer.decode([t]) for t in ids]
         ranked.append(TopExample(i, best, scores[best], tokens, scores))
     ranked.sort(key=lambda e: -e.score)

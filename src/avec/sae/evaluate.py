@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from avec.activations import layer_outputs, pad_batch
-from avec.evaluate.top_examples import TopExample
+from avec.evaluate.top_examples import TopExample, peak_token
 from avec.hooks import block_output, replace_block_output
 from avec.models.model import Model
 from avec.sae.model import SAEError, SparseAutoencoder
@@ -266,8 +266,7 @@ def latent_top_examples(model: Model, sae: SparseAutoencoder, layer: int, texts:
         ranked = []
         for i, (ids, acts) in per_text.items():
             scores = acts[:, j].tolist()
-            offset = skip_first if len(scores) > skip_first else 0
-            best = max(range(offset, len(scores)), key=scores.__getitem__)
+            best = peak_token(scores, skip_first)
             if scores[best] > 0:
                 if i not in tokens:
                     tokens[i] = [model.tokenizer.decode([t]) for t in ids]

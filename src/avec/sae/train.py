@@ -101,7 +101,7 @@ def sae_metrics(sae: SparseAutoencoder, activations: torch.Tensor,
     x = _as_rows(activations)
     n = x.shape[0]
     device = sae.W_enc.device
-    sq_err = total = sq_sum = 0.0
+    sq_err = sq_sum = 0.0
     col_sum = torch.zeros(x.shape[1], dtype=torch.float64)
     nonzero = 0
     fired = torch.zeros(sae.d_sae, dtype=torch.bool)
