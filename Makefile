@@ -5,13 +5,23 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.avec-installed
 
-LLAMA_STAMP := $(VENV)/.llama-installed
-# only the libraries the Python binding loads (no multimodal, tools, tests): ~5 min on 2 cores;
-# pip caches the built wheel, so a rebuilt venv on the same machine installs it at once
-LLAMA_CMAKE_ARGS := -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_TESTS=OFF \
-	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# llama.cpp (the `--backend llama.cpp` engine), built from source by llama-cpp-python. Built for a
+# portable x86-64 baseline (GGML_NATIVE=OFF: AVX2/FMA/F16C/BMI2, no AVX-512/AMX), never for the
+# build machine's own instruction set: a native build segfaults on AMX machines (issue 17).
+# Only the libraries the Python binding loads (no multimodal, tools, tests).
+LLAMA_VERSION := $(shell sed -n 's/^llama-cpp-python==//p' constraints.txt)
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF
+# The build flags decide the wheel: pip's own cache keys a built wheel by version only, so avec
+# builds with --no-cache-dir into a directory named by version + a hash of the flags, the
+# compiler and the platform, and installs that exact file. Other flags, another directory.
+LLAMA_KEY := $(shell printf '%s|%s|%s|%s' '$(LLAMA_VERSION)' '$(strip $(LLAMA_CMAKE_ARGS))' \
+	"$$(cc --version 2>/dev/null | head -n1)" "$$(uname -sm)" | sha256sum | cut -c1-12)
+AVEC_WHEELS ?= $(HOME)/.cache/avec/wheels
+LLAMA_WHEEL_DIR := $(AVEC_WHEELS)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
+LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
 
-.PHONY: demo test setup bench clean browser llama refusal maze
+.PHONY: demo test setup bench clean browser llama llama-clean refusal maze
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,23 +33,46 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
-# the llama.cpp backend (`--backend llama.cpp`): llama-cpp-python built from source
-$(LLAMA_STAMP): $(STAMP)
-	@echo "building llama-cpp-python (llama.cpp from source, about 5 minutes on 2 cores)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
-	  $(PIP) install -q -c constraints.txt llama-cpp-python
+# the llama.cpp backend: build the wheel once per key (5-18 minutes on 2 cores), install it,
+# then probe it in a subprocess (a crash is reported, and the tests fail with the same hint)
+$(LLAMA_STAMP): $(STAMP) constraints.txt
+	@test -n "$(LLAMA_VERSION)" || { echo "constraints.txt must pin llama-cpp-python==X.Y.Z"; exit 1; }
+	@if ! ls $(LLAMA_WHEEL_DIR)/llama_cpp_python-$(LLAMA_VERSION)-*.whl >/dev/null 2>&1; then \
+	  echo "building llama-cpp-python $(LLAMA_VERSION) from source (portable, key $(LLAMA_KEY)):" \
+	       "5-18 minutes on 2 cores"; \
+	  rm -rf $(LLAMA_WHEEL_DIR).tmp && mkdir -p $(LLAMA_WHEEL_DIR).tmp && \
+	  CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) \
+	    $(PIP) wheel -q --no-cache-dir --no-deps -w $(LLAMA_WHEEL_DIR).tmp \
+	    llama-cpp-python==$(LLAMA_VERSION) && \
+	  printf 'llama-cpp-python %s\nCMAKE_ARGS=%s\ncompiler: %s\nplatform: %s\n' \
+	    '$(LLAMA_VERSION)' '$(strip $(LLAMA_CMAKE_ARGS))' "$$(cc --version | head -n1)" \
+	    "$$(uname -sm)" > $(LLAMA_WHEEL_DIR).tmp/BUILD-FLAGS.txt && \
+	  rm -rf $(LLAMA_WHEEL_DIR) && mv $(LLAMA_WHEEL_DIR).tmp $(LLAMA_WHEEL_DIR); \
+	else echo "llama-cpp-python $(LLAMA_VERSION): the wheel built with these flags is in" \
+	  "$(LLAMA_WHEEL_DIR)"; fi
+	$(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl
+	$(PIP) install -q -c constraints.txt $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl
+	rm -f $(VENV)/.llama-*
+	-$(PY) -m avec.backends.llamacpp_probe
 	touch $(LLAMA_STAMP)
 
 llama: $(LLAMA_STAMP)
 
+# forget the llama.cpp build (this key's wheel included): `make llama-clean llama` rebuilds it
+llama-clean:
+	-test -x $(PY) && $(PIP) uninstall -q -y llama-cpp-python
+	rm -rf $(LLAMA_WHEEL_DIR) $(LLAMA_WHEEL_DIR).tmp $(VENV)/.llama-*
+
 demo: $(STAMP)
 	$(VENV)/bin/avec demo
 
-# the playground's browser test drives Debian's Chromium (no browser download from the web)
+# the playground's browser test drives Debian's Chromium (no browser download from the web):
+# installed system-wide with apt when missing (needs root; else run the command it prints).
+# If it cannot be installed, the suite still runs and that one test fails saying so.
 browser:
-	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium for the browser test"; \
+	@command -v chromium >/dev/null 2>&1 || { echo "installing Debian's chromium (apt) for the browser test"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
-	  || { echo "could not install chromium: run 'apt-get install chromium' as root"; exit 1; }
+	  || echo "WARNING: could not install chromium; run 'sudo apt-get install -y chromium', then 'make test'"
 
 test: $(STAMP) $(LLAMA_STAMP) browser
 	$(PY) -m pytest -q

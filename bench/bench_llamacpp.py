@@ -8,7 +8,8 @@ second, interleaved rounds, median. Agreement: on the same prompts, teacher-forc
 agreement of llama.cpp with HF's steered continuation (the fraction of steps where both pick
 the same next token on the same prefix), with the vector at its own layer and, as controls,
 moved one layer down or up and left out; plus the length of the common prefix of the
-free-running greedy texts. Writes bench/results/llamacpp.json.
+free-running greedy texts. Writes bench/results/llamacpp.json (or ``--out``), with the
+instruction sets the installed llama.cpp was built for.
 """
 
 from __future__ import annotations
@@ -32,10 +33,21 @@ OUT = Path(__file__).resolve().parent / "results" / "llamacpp.json"
 LAYER, COEF = 14, 4.0
 
 
+def system_info() -> str:
+    """The instruction sets this llama.cpp build was compiled for (``AVX2 = 1 | ...``)."""
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode().strip()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--out", type=Path, default=OUT, help=f"result file ({OUT.name})")
+    parser.add_argument("--llama-only", action="store_true",
+                        help="time llama.cpp alone (no HF runs, no agreement): to compare "
+                             "llama.cpp builds")
     args = parser.parse_args()
     torch.set_num_threads(2)
     hf = avec.load_model()
@@ -64,11 +76,20 @@ def main() -> None:
     speed: dict[str, list[float]] = {k: [] for k in ("hf", "hf_steered", "llama.cpp",
                                                      "llama.cpp_steered")}
     for _ in range(args.reps):
-        speed["hf"].append(run_hf(False))
+        if not args.llama_only:
+            speed["hf"].append(run_hf(False))
         speed["llama.cpp"].append(run_lc(False))
-        speed["hf_steered"].append(run_hf(True))
+        if not args.llama_only:
+            speed["hf_steered"].append(run_hf(True))
         speed["llama.cpp_steered"].append(run_lc(True))
-    tok_s = {k: round(statistics.median(v), 1) for k, v in speed.items()}
+    tok_s = {k: round(statistics.median(v), 1) for k, v in speed.items() if v}
+    if args.llama_only:
+        write(args.out, {"model": hf.name, "prompts": len(prompts), "new_tokens": n,
+                         "rounds": args.reps, "layer": LAYER, "coef": COEF,
+                         "tokens_per_second": tok_s, "all_rounds": speed,
+                         "llama_cpp_system_info": system_info(),
+                         "date": time.strftime("%Y-%m-%d")})
+        return
 
     variants = {"own layer": [ControlTerm(vec, COEF)],
                 "layer - 1": [ControlTerm(SteeringVector({LAYER - 1: vec[LAYER]}), COEF)],
@@ -93,10 +114,15 @@ def main() -> None:
         "teacher_forced_agreement": {k: round(float(np.mean(v)), 3) for k, v in agree.items()},
         "free_running_common_prefix": {"mean": round(float(np.mean(prefix)), 1),
                                        "per_prompt": prefix, "of": 32},
+        "llama_cpp_system_info": system_info(),
         "date": time.strftime("%Y-%m-%d"),
     }
-    OUT.parent.mkdir(parents=True, exist_ok=True)
-    OUT.write_text(json.dumps(result, indent=2) + "\n")
+    write(args.out, result)
+
+
+def write(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
 
 

@@ -14,10 +14,12 @@ import torch
 import avec
 from avec.backends.llamacpp import (ControlTerm, LlamaCppModel, check_terms, control_buffer,
                                     steered_completions)
+from avec.backends.llamacpp_probe import probe
 from avec.cli import main
 from avec.data.demo import DEMO_PAIRS
-from avec.errors import SteeringError
+from avec.errors import ModelLoadError, SteeringError
 from avec.generation import format_prompt, generate_ids
+from avec.models.loading import default_model_path
 from avec.vector import SteeringVector
 
 from conftest import live_server
@@ -29,7 +31,13 @@ PROMPTS = ["Tell me about your day.", "What should I cook tonight?", "Describe a
 
 @pytest.fixture(scope="module")
 def lcpp() -> LlamaCppModel:
-    model = LlamaCppModel.load()
+    """The packaged model on llama.cpp. Loading probes the build in a child process first: a
+    llama.cpp that crashes on this CPU fails these tests with the rebuild command, and the
+    rest of the suite runs on."""
+    try:
+        model = LlamaCppModel.load()
+    except ModelLoadError as exc:
+        pytest.fail(f"llama.cpp backend unusable: {exc}", pytrace=False)
     yield model
     model.close()
 
@@ -42,6 +50,14 @@ def ocean(real_model) -> SteeringVector:
 def moved(vec: SteeringVector, layer: int) -> SteeringVector:
     """The same direction filed under another layer (an off-by-one indexing bug)."""
     return SteeringVector({layer: vec[LAYER]}, dict(vec.metadata))
+
+
+def test_the_installed_build_decodes():
+    """The same check `make llama` runs: load the packaged GGUF and decode 8 tokens, in a
+    child process so that a crash fails this test, not the session."""
+    result = probe(default_model_path(), n_tokens=8)
+    assert result.ok, result.message
+    assert result.message == "ok 8 tokens"
 
 
 def test_buffer_layout_and_refusals(ocean):

@@ -29,6 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from avec.backends.llamacpp_probe import REBUILD_HINT
+from avec.backends.llamacpp_probe import probe as probe_llama_cpp
 from avec.errors import ModelLoadError, SteeringError
 from avec.generation import Completion, RowSampling, choose_next, format_prompt
 from avec.models.model import TextModel
@@ -36,8 +38,8 @@ from avec.steer import Positions, parse_positions
 from avec.vector import SteeringVector
 
 INSTALL_HINT = ("the llama.cpp backend needs llama-cpp-python (it builds llama.cpp from source, "
-                "10-18 minutes): `make llama` in a checkout, or "
-                "`pip install 'llama-cpp-python>=0.3.30'`")
+                "5-18 minutes on 2 cores): `make llama` in a checkout, or "
+                "`CMAKE_ARGS=-DGGML_NATIVE=OFF pip install 'llama-cpp-python>=0.3.30'`")
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,9 @@ def _import_llama_cpp() -> Any:
         import llama_cpp
     except ImportError:
         raise ModelLoadError(INSTALL_HINT) from None
+    except (OSError, RuntimeError) as exc:  # the shared library is missing or damaged
+        raise ModelLoadError(f"llama-cpp-python is installed but its native library does not "
+                             f"load ({exc}); {REBUILD_HINT}") from exc
     return llama_cpp
 
 
@@ -165,20 +170,28 @@ class LlamaCppModel(TextModel):
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, n_ctx: int = 4096,
-             n_threads: int | None = None) -> "LlamaCppModel":
+             n_threads: int | None = None, probe: bool = True) -> "LlamaCppModel":
         """Load a ``.gguf`` file (default: the packaged SmolLM2-135M-Instruct) with llama.cpp.
 
         ``n_ctx`` bounds prompt plus generated tokens; ``n_threads`` defaults to the CPU count.
+        With ``probe`` (the default) the file is first loaded and decoded in a child process
+        (:mod:`avec.backends.llamacpp_probe`, about a second on the default model), so a
+        llama.cpp build that crashes on this CPU raises :class:`ModelLoadError` with the
+        rebuild command instead of killing this process.
         """
         from avec.models.loading import default_model_path
 
-        lib = _import_llama_cpp()
         gguf = default_model_path() if path is None else Path(path).expanduser()
         if gguf.suffix != ".gguf":
             raise ModelLoadError(f"the llama.cpp backend runs .gguf files, not {gguf}; give a "
                                  f".gguf model or use --backend hf")
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file not found: {gguf}")
+        if probe:
+            checked = probe_llama_cpp(gguf)
+            if not checked.ok:
+                raise ModelLoadError(checked.message)
+        lib = _import_llama_cpp()
         try:
             llm = lib.Llama(model_path=str(gguf), n_ctx=n_ctx,
                             n_threads=n_threads or os.cpu_count() or 1, logits_all=False,
