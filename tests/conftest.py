@@ -125,3 +125,24 @@ def live_server(app: Any, timeout: float = 15.0) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama saved as a Hugging Face folder (for the command line)."""
+    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
+    tiny = make_tiny("llama")
+    tiny.hf.save_pretrained(path)
+    tiny.tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    """Two contrast pairs in a JSONL file."""
+    from avec.data import ContrastPair, save_jsonl_pairs
+
+    path = tmp_path / "pairs.jsonl"
+    save_jsonl_pairs([ContrastPair("I love this", "I hate this"),
+                      ContrastPair("wonderful day", "awful day")], path)
+    return path

@@ -4,31 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from avec.cli import build_parser, main
 from avec.data import ContrastPair, save_jsonl_pairs
 from avec.vector import SteeringVector
-
-from conftest import make_tiny
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "tiny-llama"
-    tiny = make_tiny("llama")
-    tiny.hf.save_pretrained(path)
-    tiny.tokenizer.save_pretrained(path)
-    return path
-
-
-@pytest.fixture()
-def pairs_file(tmp_path):
-    path = tmp_path / "pairs.jsonl"
-    save_jsonl_pairs([ContrastPair("I love this", "I hate this"),
-                      ContrastPair("wonderful day", "awful day")], path)
-    return path
 
 
 def run(capsys, *argv):

@@ -15,7 +15,7 @@ from conftest import live_server
 from fastapi.testclient import TestClient  # the serve extra is part of the dev set-up: no skip
 
 from avec.generation import generate_ids
-from avec.serve import Engine, Limits, VectorRegistry, create_app
+from avec.serve import Engine, Limits, ServeError, VectorRegistry, create_app
 from avec.steer import Intervention, steer
 from avec.vector import SteeringVector
 
@@ -228,8 +228,9 @@ def test_engine_survives_a_failing_batch(served, monkeypatch):
 
     monkeypatch.setattr(engine_mod, "generate_ids", boom)
     fut = engine.submit([1, 2, 3], [], 4)
-    with pytest.raises(RuntimeError, match="simulated failure"):
+    with pytest.raises(ServeError, match="simulated failure") as err:
         fut.result(timeout=10)
+    assert err.value.status == 500
     monkeypatch.undo()
     assert len(engine.submit([1, 2, 3], [], 4).result(timeout=10).tokens) <= 4
 

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.hooks import StopForward, block_output
+from avec.models.context import check_texts
 from avec.models.model import Model
 
 ReadPosition = Union[str, int]
@@ -82,6 +83,26 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right",
     return ids.to(device), mask.to(device), pos.to(device)
 
 
+MAX_BATCH_AREA = 2**24
+"""Cap on rows x width^2 of one padded batch: attention scores and masks grow with the square
+of the width, so a batch of long texts is split into fewer rows (results do not change: a
+text's activations do not depend on its batch)."""
+
+
+def length_batches(order: Sequence[int], ids: Sequence[Sequence[int]], batch_size: int,
+                   max_area: int = MAX_BATCH_AREA) -> list[list[int]]:
+    """Consecutive groups of ``order`` (sorted longest first) of at most ``batch_size`` rows,
+    fewer when ``rows * longest**2`` would pass ``max_area``."""
+    batches: list[list[int]] = []
+    i = 0
+    while i < len(order):
+        width = max(1, len(ids[order[i]]))
+        rows = max(1, min(batch_size, max_area // (width * width)))
+        batches.append(list(order[i:i + rows]))
+        i += rows
+    return batches
+
+
 def forward_until(model: Model, layers: Sequence[int],
                   on_output: Callable[[int, torch.Tensor], None],
                   input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -125,8 +146,9 @@ def layer_outputs(model: Model, texts: Sequence[str], layer: int, *, max_tokens:
     if max_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_tokens and batch_size must be >= 1, got {max_tokens}, {batch_size}")
     ids = [x[:max_tokens] for x in model.encode(list(texts))]
+    check_texts(model, texts, ids)
     order = sorted((i for i in range(len(ids)) if ids[i]), key=lambda i: -len(ids[i]))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches(order, ids, batch_size)
     pad_id = model.tokenizer.pad_token_id
     for rows in tqdm(batches, desc=desc, disable=not progress, leave=False):
         input_ids, mask, pos = pad_batch([ids[i] for i in rows], pad_id, "right", model.device)
@@ -139,24 +161,28 @@ def layer_outputs(model: Model, texts: Sequence[str], layer: int, *, max_tokens:
 @torch.inference_mode()
 def read_activations(model: Model, texts: Sequence[str], layers: Sequence[int], *,
                      position: ReadPosition = "last", batch_size: int = 32,
-                     progress: bool = False) -> dict[int, torch.Tensor]:
+                     progress: bool = False,
+                     sources: Sequence[str | None] | None = None) -> dict[int, torch.Tensor]:
     """Activations of ``texts`` at the output of each block in ``layers``.
 
     Returns ``{layer: tensor[len(texts), d_model]}`` (float32, CPU), rows in input order.
     Texts are read as given: no chat template or special tokens beyond the tokenizer's defaults.
+    A text longer than the model's context raises :class:`~avec.errors.DataError` naming it
+    (by ``sources[i]``, e.g. ``"pairs.jsonl:3"``, when given).
     """
     if not texts:
         raise ValueError("no texts to read activations from")
     layers = model.check_layers(list(layers))
     ids = model.encode(list(texts))
+    check_texts(model, texts, ids, sources=sources)
     for text, x in zip(texts, ids):
         if not x:
-            raise ValueError(f"text {text!r} tokenizes to nothing")
+            raise ValueError(f"text {text[:200]!r} tokenizes to nothing")
     indices = resolve_indices(model, texts, ids, position)
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     out = {L: torch.empty(len(ids), model.d_model) for L in layers}
     pad_id = model.tokenizer.pad_token_id
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = length_batches(order, ids, batch_size)
     for rows in tqdm(batches, desc="activations", disable=not progress, leave=False):
         input_ids, mask, pos = pad_batch([ids[i] for i in rows], pad_id, "right", model.device)
         row_index = torch.tensor(rows)

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 
 from avec import cli_discover, cli_maze, cli_refusal, cli_sae
 from avec._version import __version__
+from avec.cli_args import (check_text_args, count_arg, finite_float, int_arg, output_dir,
+                           output_file, seed_arg, steer_positions)
 
 DEFAULT_DEMO_OUTPUT = "avec-demo-vector.safetensors"
 
@@ -23,10 +25,6 @@ def _position(value: str) -> str | int:
         return int(value)
     except ValueError:
         return value
-
-
-def _steer_position(value: str) -> str | int:
-    return int(value) if value.isdigit() else value
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -41,7 +39,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_vector_io_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by `convert` and `export`."""
     p.add_argument("input")
-    p.add_argument("-o", "--output", required=True)
+    p.add_argument("-o", "--output", required=True, type=output_file)
     p.add_argument("--layers", default=None,
                    help="keep only these layers: 14, 4,8,12 or 4-20[:step]")
     p.add_argument("--model-hint", default=None,
@@ -65,19 +63,20 @@ def build_parser() -> argparse.ArgumentParser:
                         'A/B .json (question, answer_matching_behavior, answer_not_matching_behavior)')
     p.add_argument("--format", default="auto", choices=["auto", "jsonl", "ab"],
                    help="pair file format (auto: .json is A/B, anything else JSONL)")
-    p.add_argument("--layer", type=int, action="append", required=True,
+    p.add_argument("--layer", type=int_arg, action="append", required=True,
                    help="0-based block whose output is read (repeat for several layers)")
     p.add_argument("--method", default="mean_diff",
                    choices=["mean_diff", "pca", "probe", "random", "actadd"],
                    help="direction method (default mean_diff; actadd takes exactly one pair)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random control direction")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of the random control direction")
     p.add_argument("--position", type=_position, default=None,
                    help="token read: last (default; ab_letter for A/B data), mean, ab_letter or "
                         "an int index")
     p.add_argument("--chat", action="store_true",
                    help="wrap texts in the model's chat template (default: texts as given)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--output", "-o", required=True, help="output .safetensors file")
+    p.add_argument("--batch-size", type=count_arg, default=32)
+    p.add_argument("--output", "-o", required=True, type=output_file,
+                   help="output .safetensors file")
     _add_model_args(p)
 
     p = sub.add_parser("generate", help="greedy completions, unsteered and steered side by side",
@@ -88,23 +87,23 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts-file", help=".txt (one per line), .json or .jsonl prompts")
     p.add_argument("--vector", help="steering vector file (.safetensors, or a llama.cpp/repeng "
                    ".gguf control vector)")
-    p.add_argument("--coef", type=float, action="append",
+    p.add_argument("--coef", type=finite_float, action="append",
                    help="coefficient multiplying the vector as extracted (repeat; default 1)")
-    p.add_argument("--layer", type=int, action="append",
+    p.add_argument("--layer", type=int_arg, action="append",
                    help="steer only these layers of the vector (default: all its layers)")
-    p.add_argument("--positions", type=_steer_position, default="all",
+    p.add_argument("--positions", type=steer_positions, default="all",
                    help="all (default), prompt, generated, or from:K / K (token index >= K)")
     p.add_argument("--op", default="add", choices=["add", "ablate", "clamp"])
-    p.add_argument("--clamp-value", type=float, default=None,
+    p.add_argument("--clamp-value", type=finite_float, default=None,
                    help="projection that --op clamp sets (default: the vector's clamp_value "
                         "metadata, e.g. the harmful-prompt mean of a refusal direction, else 0)")
     p.add_argument("--everywhere", action="store_true",
                    help="with --op ablate: project the direction out of the residual stream "
                         "everywhere (input of block 0 and every attention and MLP output), as "
                         "Arditi et al. do, instead of at the vector's own layers")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=count_arg, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=count_arg, default=16)
     p.add_argument("--backend", choices=["hf", "llama.cpp"], default="hf",
                    help="hf: transformers (every op); llama.cpp: the .gguf model run by "
                         "llama-cpp-python, steered by its control vectors (op add only, layers "
@@ -121,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(A/B .json: chat template, answer letter; .jsonl: last token)")
         p.add_argument("--layers", default=None,
                        help="layers to steer: 14, 4,8,12 or 4-20[:step] (default: the vector's)")
-        p.add_argument("--coef", type=float, action="append",
+        p.add_argument("--coef", type=finite_float, action="append",
                        help="coefficient (repeat; default 0 and 1)")
         p.add_argument("--data", help="A/B JSON (ab, mmlu): CAA behaviour or prompt/correct items")
         p.add_argument("--prompts", help="prompts file for kl, logit-diff, concept")
@@ -130,11 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="logit-diff token pair (repeat), e.g. --tokens ' love' ' hate'")
         p.add_argument("--keywords", help="comma-separated keywords (concept: keyword rate)")
         p.add_argument("--concept", help="concept description (concept: embedding judge)")
-        p.add_argument("--limit", type=int, help="use only the first N items/prompts")
-        p.add_argument("--max-new-tokens", type=int, default=48)
+        p.add_argument("--limit", type=count_arg, help="use only the first N items/prompts")
+        p.add_argument("--max-new-tokens", type=count_arg, default=48)
         p.add_argument("--no-chat", action="store_true", help="no chat template for A/B prompts")
         if name == "sweep":
-            p.add_argument("--output-dir", "-o", required=True,
+            p.add_argument("--output-dir", "-o", required=True, type=output_dir,
                            help="directory for sweep_<metric>.json/.csv/.png")
         _add_model_args(p)
 
@@ -144,12 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
                        "and write highlighted HTML.")
     p.add_argument("--vector", required=True,
                    help="steering vector file (.safetensors or .gguf)")
-    p.add_argument("--layer", type=int, help="layer of the vector (default: its only layer)")
+    p.add_argument("--layer", type=int_arg, help="layer of the vector (default: its only layer)")
     p.add_argument("--texts", nargs="+", required=True,
                    help=".txt files (split at blank lines) or .json/.jsonl prompt files")
-    p.add_argument("-k", type=int, default=20)
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--html", help="write the highlighted examples to this HTML file")
+    p.add_argument("-k", type=count_arg, default=20)
+    p.add_argument("--max-tokens", type=count_arg, default=128)
+    p.add_argument("--html", type=output_file,
+                   help="write the highlighted examples to this HTML file")
     _add_model_args(p)
 
     p = sub.add_parser("compare", help="fair method comparison: methods x pairs x seeds",
@@ -167,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "score (default: 8 built-in everyday prompts)")
     p.add_argument("--concept", help="concept description for the embedding judge")
     p.add_argument("--keywords", help="comma-separated keywords (keyword rate, if no --concept)")
-    p.add_argument("--layer", type=int, default=None,
+    p.add_argument("--layer", type=int_arg, default=None,
                    help="block whose output is read and steered (default: a third of the depth, "
                         "10 on the default model)")
     p.add_argument("--methods", default=",".join(["mean_diff", "pca", "probe", "actadd", "random"]),
@@ -175,24 +175,25 @@ def build_parser() -> argparse.ArgumentParser:
                         "sae_clamp (the SAE methods need --sae; default: the first five)")
     p.add_argument("--n-pairs", default="1,3,8,32,128,256",
                    help="pair counts (values above the pool size are skipped)")
-    p.add_argument("--seeds", type=int, default=3)
+    p.add_argument("--seeds", type=count_arg, default=3)
     p.add_argument("--coefs", default="1,2,3,4,6",
                    help="multipliers of the common-norm direction (default 1,2,3,4,6)")
-    p.add_argument("--kl-budget", type=float, default=1.0)
+    p.add_argument("--kl-budget", type=finite_float, default=1.0)
     p.add_argument("--kl-prompts", help="neutral prompts for KL (default: 8 built-in prompts)")
-    p.add_argument("--norm", type=float, help="common norm (default: pool mean-diff norm)")
-    p.add_argument("--limit", type=int, help="use only the first N test items / prompts")
-    p.add_argument("--pool", type=int, help="use only the first N pairs of --pairs as the pool")
-    p.add_argument("--synthetic-pairs", type=int, default=64,
+    p.add_argument("--norm", type=finite_float, help="common norm (default: pool mean-diff norm)")
+    p.add_argument("--limit", type=count_arg, help="use only the first N test items / prompts")
+    p.add_argument("--pool", type=count_arg,
+                   help="use only the first N pairs of --pairs as the pool")
+    p.add_argument("--synthetic-pairs", type=count_arg, default=64,
                    help="pairs to generate when --pairs is not given (default 64)")
     p.add_argument("--contrast", help="with synthetic pairs: negatives about this opposite "
                    "concept instead of neutral topics (see `avec pairs generate --contrast`)")
-    p.add_argument("--seed", type=int, default=0, help="seed of synthetic pair generation")
+    p.add_argument("--seed", type=seed_arg, default=0, help="seed of synthetic pair generation")
     p.add_argument("--position", type=_position, default=None,
                    help="token read for the directions: mean (default for sentence pairs: the "
                         "tokens after the first), last, or an int index (ab_letter for A/B "
                         "pools)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=count_arg, default=32)
     p.add_argument("--sae", default=None,
                    help="SAE directory (`avec sae train`, or SAELens format) for the methods "
                         "'sae' (the latent that best marks the pairs, its decoder row added) "
@@ -202,7 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the SAE methods rank latents: activation difference times "
                         "firing-rate difference (selective, default) or activation difference")
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
-    p.add_argument("--output-dir", "-o", required=True)
+    p.add_argument("--output-dir", "-o", required=True, type=output_dir)
     _add_model_args(p)
 
     p = sub.add_parser("pairs", help="synthetic contrast pairs: `avec pairs generate`")
@@ -213,12 +214,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--concept", required=True, help='e.g. "the ocean"')
     g.add_argument("--contrast", help='negatives about this opposite concept (e.g. "hatred and '
                    'anger" for --concept "love and kindness") instead of neutral topics')
-    g.add_argument("-n", type=int, default=32, help="number of pairs")
-    g.add_argument("-o", "--output", required=True, help="output .jsonl")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--temperature", type=float, default=None,
+    g.add_argument("-n", type=count_arg, default=32, help="number of pairs")
+    g.add_argument("-o", "--output", required=True, type=output_file, help="output .jsonl")
+    g.add_argument("--seed", type=seed_arg, default=0)
+    g.add_argument("--temperature", type=finite_float, default=None,
                    help="sampling temperature (default 0.8)")
-    g.add_argument("--max-attempts", type=int, default=None, help="default 4 x n candidates")
+    g.add_argument("--max-attempts", type=count_arg, default=None, help="default 4 x n candidates")
     _add_model_args(g)
 
     p = sub.add_parser("info", help="show the metadata of a vector file (.safetensors or .gguf)")
@@ -261,8 +262,30 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hf: transformers, batched, every op; llama.cpp: the .gguf model run "
                         "by llama-cpp-python, one request at a time, op add only, layers >= 1")
     p.add_argument("--api-key", default=os.environ.get("AVEC_API_KEY"),
-                   help="require 'Authorization: Bearer KEY' (default: $AVEC_API_KEY, or none)")
-    p.add_argument("--max-tokens", type=int, default=512, help="cap on max_tokens per request")
+                   help="require 'Authorization: Bearer KEY' (default: $AVEC_API_KEY, or none); "
+                        "an empty key is refused")
+    p.add_argument("--skip-bad-vectors", action="store_true",
+                   help="skip (and log) bad files in --vectors DIR instead of refusing to start")
+    p.add_argument("--max-tokens", type=count_arg, default=512,
+                   help="cap on max_tokens per request (default 512)")
+    p.add_argument("--max-queue", type=count_arg, default=64,
+                   help="requests waiting to start; beyond it a 429 with Retry-After (default 64)")
+    p.add_argument("--request-timeout", type=finite_float, default=300.0, metavar="S",
+                   help="seconds from arrival to the last token; the request's work stops then "
+                        "and it gets a 504 (default 300)")
+    p.add_argument("--max-abs-coef", type=finite_float, default=1000.0,
+                   help="cap on |coef| of a steering entry (default 1000)")
+    p.add_argument("--max-abs-value", type=finite_float, default=1.0e4,
+                   help="cap on |value| of a clamp entry (default 10000)")
+    p.add_argument("--max-vectors", type=count_arg, default=256,
+                   help="cap on the number of vectors in the store (default 256)")
+    p.add_argument("--max-store-mb", type=finite_float, default=1024.0,
+                   help="cap on the vector store's total tensor size in MiB (default 1024)")
+    p.add_argument("--idle-timeout", type=count_arg, default=5, metavar="S",
+                   help="close a connection that sends no complete request for S seconds "
+                        "(default 5)")
+    p.add_argument("--max-connections", type=count_arg, default=256,
+                   help="open connections beyond which uvicorn answers 503 (default 256)")
 
     cli_refusal.add_parsers(sub, _add_model_args)
     cli_maze.add_parsers(sub)
@@ -271,10 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="build an 'ocean' vector from 36 built-in pairs and show "
                        "unsteered vs steered completions on the default model")
-    p.add_argument("--layer", type=int, default=14)
-    p.add_argument("--coef", type=float, default=8.0)
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--output", "-o", default=DEFAULT_DEMO_OUTPUT,
+    p.add_argument("--layer", type=int_arg, default=14)
+    p.add_argument("--coef", type=finite_float, default=8.0)
+    p.add_argument("--max-new-tokens", type=count_arg, default=48)
+    p.add_argument("--output", "-o", default=DEFAULT_DEMO_OUTPUT, type=output_file,
                    help=f"where to save the vector (default {DEFAULT_DEMO_OUTPUT})")
     _add_model_args(p)
     return parser
@@ -341,11 +364,13 @@ def _columns(headers: list[str], bodies: list[str]) -> str:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from avec.data import load_prompts
+    from avec.data.pairs import load_located_prompts
     from avec.generation import steered_completions
     from avec.vector import load_vector
 
-    prompts = args.prompt if args.prompt else load_prompts(args.prompts_file)
+    located = _located_args(args.prompt, "--prompt") if args.prompt else \
+        load_located_prompts(args.prompts_file)
+    prompts = [text for _where, text in located]
     if args.vector is None and args.coef and any(c != 0 for c in args.coef):
         raise ValueError("--coef needs --vector")
     if args.vector is None and (args.layer or args.op != "add"):
@@ -354,9 +379,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--everywhere goes with --op ablate on the hf backend")
     coefs = args.coef if args.coef else ([1.0] if args.vector else [0.0])
     model = _load(args)
+    chat = False if args.no_chat else None
+    _check_fit(model, located, chat, args.max_new_tokens)
     vector = load_vector(args.vector, model) if args.vector else None
     run_coefs = list(dict.fromkeys([0.0, *coefs]))  # unsteered first, for side-by-side display
-    chat = False if args.no_chat else None
     clamp = args.clamp_value
     if clamp is None:
         clamp = float(vector.metadata.get("clamp_value", 0.0)) if vector is not None else 0.0
@@ -383,6 +409,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"\n>>> {prompt}")
         print(_columns(headers, [r.text for r in row]))
     return 0
+
+
+def _located_args(values: list[str], option: str) -> list[tuple[str, str]]:
+    """``(where, text)`` for texts given on the command line, each checked like a file's."""
+    from avec.data.textfile import check_text
+
+    return [(f"{option} {i}", check_text(v, f"{option} {i}", option.lstrip("-")))
+            for i, v in enumerate(values, start=1)]
+
+
+def _check_fit(model: Any, located: list[tuple[str, str]], chat: bool | None,
+               max_new_tokens: int) -> None:
+    """Refuse, naming the prompt, any prompt whose tokens (chat template included) and
+    ``max_new_tokens`` do not fit the model's context."""
+    from avec.generation import format_prompt
+    from avec.models.context import check_texts
+
+    texts = [text for _where, text in located]
+    ids = [format_prompt(model, text, chat)[0] for text in texts]
+    check_texts(model, texts, ids, reserve=max_new_tokens,
+                reserve_for="new tokens (--max-new-tokens)",
+                sources=[where for where, _text in located])
 
 
 def _ablate_everywhere(model: Any, prompts: list[str], vector: Any, coefs: list[float],
@@ -412,6 +460,7 @@ concept (greedy completions scored by keyword rate or embedding similarity to --
 
 def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     from avec.data import load_prompts
+    from avec.data.textfile import check_text, read_text
     from avec.evaluate.ab import load_ab_items
 
     lim = slice(None, args.limit)
@@ -427,7 +476,7 @@ def _eval_inputs(args: argparse.Namespace) -> dict[str, Any]:
     if args.metric == "ppl":
         if not args.texts:
             raise ValueError("metric ppl needs --texts FILE [FILE ...]")
-        inputs["texts"] = [Path(t).read_text(encoding="utf-8") for t in args.texts][lim]
+        inputs["texts"] = [check_text(read_text(t), t) for t in args.texts][lim]
     if args.metric == "logit-diff":
         if not args.tokens:
             raise ValueError("metric logit-diff needs --tokens A B")
@@ -465,8 +514,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         layers = [0]  # unsteered: any layer, all coefficients are 0
     metric = {"mmlu": "ab", "logit-diff": "logit_diff"}.get(args.metric, args.metric)
-    result = run_sweep(model, metric, vector, layers, coefs, progress=True,
-                       **_eval_inputs(args))
+    inputs = _eval_inputs(args)
+    if args.metric == "concept":  # generates: the prompt and its new tokens must fit
+        _check_fit(model, [(f"{args.prompts}: prompt {i}", text) for i, text in
+                           enumerate(inputs["prompts"], start=1)], inputs["chat"],
+                   args.max_new_tokens)
+    result = run_sweep(model, metric, vector, layers, coefs, progress=True, **inputs)
     result.extra.update({"model": model.name, "metric_name": args.metric,
                          "vector": args.vector or args.pairs})
     files = result.write(args.output_dir, f"{args.metric} on {model.name}") \
@@ -505,6 +558,7 @@ def cmd_top_examples(args: argparse.Namespace) -> int:
     examples = top_examples(model, texts, vec[args.layer], args.layer, k=args.k,
                             max_tokens=args.max_tokens, progress=True)
     if args.html:
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         Path(args.html).write_text(render_html(
             examples, f"Top {len(examples)} examples of {Path(args.vector).name} at layer "
             f"{args.layer}", f"{len(texts)} texts from {', '.join(args.texts)}; model "
@@ -551,6 +605,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
                     name=args.name or args.concept or "")
     kl_prompts = load_prompts(args.kl_prompts) if args.kl_prompts else NEUTRAL_PROMPTS
     model = _load(args)
+    if task.prompts:  # generated from: the prompt and its new tokens must fit
+        _check_fit(model, [(f"{args.prompts or 'built-in prompts'}: prompt {i}", text)
+                           for i, text in enumerate(task.prompts, start=1)], None,
+                   args.max_new_tokens)
     out_dir = Path(args.output_dir)
     if pairs is None:
         pairs, task.pairs_source = _synthetic_pool(model, args, out_dir)
@@ -665,21 +723,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import uvicorn
 
         from avec.serve import Engine, LlamaCppEngine, Limits, VectorRegistry, create_app
+        from avec.serve.app import check_api_key
+        from avec.serve.server import uvicorn_config
     except ImportError as exc:
         raise ValueError(f"avec serve needs the serve extra ({exc.name} is missing): "
                          f"pip install 'avec[serve]'") from None
+    check_api_key(args.api_key)
+    limits = Limits(max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    request_timeout_s=args.request_timeout, max_abs_coef=args.max_abs_coef,
+                    max_abs_value=args.max_abs_value, max_vectors=args.max_vectors,
+                    max_store_bytes=int(args.max_store_mb * 1024 * 1024))
+    if args.vectors and not Path(args.vectors).is_dir():
+        raise ValueError(f"--vectors {args.vectors}: not a directory of vector files")
     model = _load(args)
-    registry = VectorRegistry(model)
-    names = registry.load_dir(args.vectors) if args.vectors else []
-    limits = Limits(max_tokens=args.max_tokens)
+    registry = VectorRegistry(model, limits.max_vector_bytes, max_vectors=limits.max_vectors,
+                              max_total_bytes=limits.max_store_bytes)
+    names = registry.load_dir(args.vectors, skip_bad=args.skip_bad_vectors,
+                              on_skip=lambda path, why: _log(f"skipped {path}: {why}")
+                              ) if args.vectors else []
     engine_cls = LlamaCppEngine if args.backend == "llama.cpp" else Engine
     engine = engine_cls(model, registry, limits)
     app = create_app(engine, api_key=args.api_key, model_id=model.name, limits=limits)
     _log(f"serving {model.name} on http://{args.host}:{args.port} "
          f"({len(names)} vectors{': ' + ', '.join(names) if names else ''}; "
-         f"API key {'required' if args.api_key else 'not set'})")
+         f"API key {'required' if args.api_key is not None else 'not set'})")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+        uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port,
+                                      idle_timeout_s=args.idle_timeout,
+                                      max_connections=args.max_connections)).run()
     finally:
         engine.shutdown()
     return 0
@@ -751,13 +822,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
+    try:
+        check_text_args(args)
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        _error(args, "interrupted")
+        return 130
+    except Exception as exc:  # the boundary: a message and an exit code, never a traceback
+        if os.environ.get("AVEC_DEBUG"):
+            raise
+        code, message = describe_failure(exc)
+        _error(args, message)
+        return code
+
+
+def describe_failure(exc: BaseException) -> tuple[int, str]:
+    """``(exit code, message)`` for an exception that reached the command line: 2 for bad
+    input (avec's own errors, malformed files, unreadable paths, inputs too large or too deeply
+    nested), 1 for anything else, which is a bug in avec."""
+    import struct
+
     from avec.errors import AvecError
 
     try:
-        return COMMANDS[args.command](args)
-    except (AvecError, ValueError, FileNotFoundError) as exc:
-        print(f"avec {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        from safetensors import SafetensorError
+    except ImportError:  # pragma: no cover
+        SafetensorError = ValueError  # type: ignore[misc,assignment]  # noqa: N806
+    if isinstance(exc, (AvecError, ValueError)):
+        return 2, str(exc)
+    if isinstance(exc, OSError):
+        where = f"{exc.filename}: " if exc.filename else ""
+        return 2, f"{where}{exc.strerror or exc}"
+    if isinstance(exc, (SafetensorError, struct.error)):
+        return 2, f"malformed file ({exc})"
+    if isinstance(exc, RecursionError):
+        return 2, "the input is nested too deeply to process; simplify it"
+    if isinstance(exc, MemoryError):
+        return 2, ("out of memory; use smaller inputs (shorter texts, fewer prompts, a smaller "
+                   "--batch-size or --max-new-tokens)")
+    return 1, (f"internal error ({type(exc).__name__}: {exc}); this is a bug in avec, please "
+               f"report it (AVEC_DEBUG=1 shows the traceback)")
+
+
+def _error(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr, whatever the terminal's encoding, at most 4,000 characters."""
+    if len(message) > 4000:
+        message = message[:4000] + " [...]"
+    text = f"avec {args.command}: error: {message}"
+    encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
+    print(text.encode(encoding, "backslashreplace").decode(encoding, "replace"), file=sys.stderr)
 
 
 if __name__ == "__main__":

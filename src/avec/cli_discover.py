@@ -8,6 +8,8 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from avec.cli_args import count_arg, finite_float, int_arg, nonneg_arg, output_dir, seed_arg
+
 DESCRIPTION = """Learn K steering vectors with no labelled data (MELBO, Mack & Turner 2024): each
 is a bias of norm --radius added at the output of --source-layer (every position), optimised to
 maximally change --target-layer's activations on the prompts, each orthogonal to the earlier
@@ -25,30 +27,30 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help="prompts file (.txt, .json, .jsonl); JSON objects may "
                      "carry an \"answer\" that is scored as accuracy")
-    src.add_argument("--arithmetic", type=int, metavar="N",
+    src.add_argument("--arithmetic", type=count_arg, metavar="N",
                      help="use N generated items 'a=x+y, b=z+w. What is a*b?' (with answers)")
     src.add_argument("--from", dest="from_dir", metavar="DIR",
                      help="no training: re-summarize the vectors of an earlier run (new "
                           "--eval-prompts, --behaviour or --cluster-threshold)")
-    p.add_argument("--source-layer", type=int, default=None,
+    p.add_argument("--source-layer", type=int_arg, default=None,
                    help="block whose output gets the vector (default: a quarter of the depth; "
                         "7 on the default model)")
-    p.add_argument("--target-layer", type=int, default=None,
+    p.add_argument("--target-layer", type=int_arg, default=None,
                    help="block whose change is maximised (default: 8 before the end; 22)")
-    p.add_argument("--radius", type=float, default=d.radius,
+    p.add_argument("--radius", type=finite_float, default=d.radius,
                    help=f"norm R of every vector (default {d.radius})")
-    p.add_argument("--num-vectors", type=int, default=d.num_vectors, help="K")
-    p.add_argument("--steps", type=int, default=d.steps, help="max steps per vector")
-    p.add_argument("--lr", type=float, default=d.lr,
+    p.add_argument("--num-vectors", type=count_arg, default=d.num_vectors, help="K")
+    p.add_argument("--steps", type=count_arg, default=d.steps, help="max steps per vector")
+    p.add_argument("--lr", type=finite_float, default=d.lr,
                    help=f"Adam learning rate per unit of radius (default {d.lr})")
-    p.add_argument("--p", type=float, default=d.p, help="power of each position's distance")
-    p.add_argument("--q", type=float, default=d.q, help="root taken of each prompt's sum")
+    p.add_argument("--p", type=finite_float, default=d.p, help="power of each position's distance")
+    p.add_argument("--q", type=finite_float, default=d.q, help="root taken of each prompt's sum")
     p.add_argument("--positions", default=d.positions,
                    help="target positions: all, last:K or from:K (default all)")
-    p.add_argument("--patience", type=int, default=d.patience,
+    p.add_argument("--patience", type=nonneg_arg, default=d.patience,
                    help="stop a vector after this many steps without improvement")
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
-    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--batch-size", type=count_arg, default=d.batch_size)
+    p.add_argument("--seed", type=seed_arg, default=d.seed)
     chat = p.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="apply the chat template (default: if the model has one)")
@@ -58,12 +60,12 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("--behaviour", action="append", default=[], metavar="NAME=W1,W2",
                    help="score completions for a keyword set (repeatable); 'refusal' uses the "
                         "refusal substrings")
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--cluster-threshold", type=float, default=0.08,
+    p.add_argument("--max-new-tokens", type=count_arg, default=48)
+    p.add_argument("--cluster-threshold", type=finite_float, default=0.08,
                    help="cosine distance at which clusters stop merging")
     p.add_argument("--no-summary", action="store_true",
                    help="only train and save the vectors (no completions or report)")
-    p.add_argument("--output", "-o", required=True, help="output directory")
+    p.add_argument("--output", "-o", required=True, type=output_dir, help="output directory")
     add_model_args(p)
 
 
@@ -79,9 +81,11 @@ def _prompts_and_answers(path: str | None, arithmetic: int | None,
     prompts = load_prompts(path)
     answers = None
     if Path(path).suffix in (".json", ".jsonl"):
-        text = Path(path).read_text()
-        items = (json.loads(text) if Path(path).suffix == ".json"
-                 else [json.loads(line) for line in text.splitlines() if line.strip()])
+        from avec.data.pairs import iter_jsonl
+        from avec.data.textfile import parse_json_document, read_text
+
+        items = (parse_json_document(Path(path), read_text(path)) if Path(path).suffix == ".json"
+                 else [obj for _where, obj in iter_jsonl(path)])
         found = [str(i["answer"]) for i in items if isinstance(i, dict) and "answer" in i]
         answers = found if len(found) == len(prompts) else None
     return prompts, answers

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from avec.cli_args import count_arg, finite_float, output_dir, output_file, seed_arg
+
 
 def _policy_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--policy", default=None,
@@ -19,12 +21,13 @@ def _policy_arg(p: argparse.ArgumentParser) -> None:
 
 def _study_args(p: argparse.ArgumentParser, site_default: str) -> None:
     _policy_arg(p)
-    p.add_argument("--mazes", type=int, default=200,
+    p.add_argument("--mazes", type=count_arg, default=200,
                    help="held-out test mazes with a decision square (default 200)")
-    p.add_argument("--seed", type=int, default=20230303, help="seed of the test mazes")
+    p.add_argument("--seed", type=seed_arg, default=20230303, help="seed of the test mazes")
     p.add_argument("--site", default=site_default,
                    help=f"module whose output is steered (default {site_default})")
-    p.add_argument("--output", "-o", required=True, help="output directory (JSON and PNGs)")
+    p.add_argument("--output", "-o", required=True, type=output_dir,
+                   help="output directory (JSON and PNGs)")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
 
 
@@ -42,22 +45,24 @@ def add_parsers(sub: Any) -> None:
 
     q = msub.add_parser("train", help="behaviour-clone the policy (cheese in the top-right "
                         "region); the shipped policy is this command with its defaults")
-    q.add_argument("--output", "-o", required=True, help="policy .safetensors to write")
-    q.add_argument("--world", type=int, default=d.world, help=f"world side (default {d.world})")
-    q.add_argument("--min-size", type=int, default=d.min_size,
+    q.add_argument("--output", "-o", required=True, type=output_file,
+                   help="policy .safetensors to write")
+    q.add_argument("--world", type=count_arg, default=d.world,
+                   help=f"world side (default {d.world})")
+    q.add_argument("--min-size", type=count_arg, default=d.min_size,
                    help=f"smallest maze side (default {d.min_size})")
-    q.add_argument("--region", type=int, default=d.region,
+    q.add_argument("--region", type=count_arg, default=d.region,
                    help=f"cheese region side in the maze's top-right (default {d.region})")
-    q.add_argument("--mazes", type=int, default=d.mazes, help=f"training mazes ({d.mazes})")
-    q.add_argument("--off-route", type=float, default=d.off_route,
+    q.add_argument("--mazes", type=count_arg, default=d.mazes, help=f"training mazes ({d.mazes})")
+    q.add_argument("--off-route", type=finite_float, default=d.off_route,
                    help=f"fraction of off-route cells kept as states ({d.off_route})")
-    q.add_argument("--epochs", type=int, default=d.epochs)
-    q.add_argument("--lr", type=float, default=d.lr)
-    q.add_argument("--label-smoothing", type=float, default=d.label_smoothing)
-    q.add_argument("--batch-size", type=int, default=d.batch_size)
+    q.add_argument("--epochs", type=count_arg, default=d.epochs)
+    q.add_argument("--lr", type=finite_float, default=d.lr)
+    q.add_argument("--label-smoothing", type=finite_float, default=d.label_smoothing)
+    q.add_argument("--batch-size", type=count_arg, default=d.batch_size)
     q.add_argument("--channels", default=",".join(map(str, d.channels)),
                    help="channels of the three conv stages (default %(default)s)")
-    q.add_argument("--seed", type=int, default=d.seed)
+    q.add_argument("--seed", type=seed_arg, default=d.seed)
 
     q = msub.add_parser("eval", help="the unsteered policy: decision-square probabilities "
                         "and vector-field pictures")
@@ -66,18 +71,19 @@ def add_parsers(sub: Any) -> None:
     q = msub.add_parser("cheese-vector", help="subtract each maze's cheese vector; controls: "
                         "random same-norm, averaged, added instead")
     _study_args(q, CHEESE_SITE)
-    q.add_argument("--coef", type=float, default=1.0, help="vector scale (default 1)")
+    q.add_argument("--coef", type=finite_float, default=1.0, help="vector scale (default 1)")
 
     q = msub.add_parser("top-right", help="add each maze's top-right vector; controls: "
                         "random same-norm, averaged, combined with the cheese vector")
     _study_args(q, CHEESE_SITE)
-    q.add_argument("--coef", type=float, default=1.0, help="vector scale (default 1)")
+    q.add_argument("--coef", type=finite_float, default=1.0, help="vector scale (default 1)")
 
     q = msub.add_parser("retarget", help="clamp cheese-tracking channels at a target cell "
                         "(cheese removed) and measure the path probability to it")
     _study_args(q, RETARGET_SITE)
-    q.add_argument("--channels", type=int, default=4, help="cheese channels to clamp (default 4)")
-    q.add_argument("--scale", type=float, default=3.0,
+    q.add_argument("--channels", type=count_arg, default=4,
+                   help="cheese channels to clamp (default 4)")
+    q.add_argument("--scale", type=finite_float, default=3.0,
                    help="clamp value as a multiple of the channel's mean at the cheese")
 
 

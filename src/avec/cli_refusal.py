@@ -8,17 +8,20 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from avec.cli_args import (count_arg, finite_float, int_arg, nonneg_arg, output_dir, output_file,
+                           seed_arg)
+
 DEFAULT_DATA_DIR = "../shared/data/refusal"
 
 
 def _finetune_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--epochs", type=int, default=None, help="passes over the data")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: by mode)")
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--lora-rank", type=int, default=None,
+    p.add_argument("--epochs", type=count_arg, default=None, help="passes over the data")
+    p.add_argument("--lr", type=finite_float, default=None, help="learning rate (default: by mode)")
+    p.add_argument("--batch-size", type=count_arg, default=None)
+    p.add_argument("--lora-rank", type=nonneg_arg, default=None,
                    help="LoRA rank (default 16); 0 trains every weight (full fine-tuning)")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per example (cut)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-length", type=count_arg, default=None, help="tokens per example (cut)")
+    p.add_argument("--seed", type=seed_arg, default=0)
 
 
 def _finetune_config(args: argparse.Namespace) -> Any:
@@ -51,7 +54,7 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
                        "template applied). LoRA adapters are merged, so the output loads with "
                        "plain transformers.")
     p.add_argument("--data", required=True, help=".jsonl of {instruction, response}")
-    p.add_argument("--output", "-o", required=True, help="output model directory")
+    p.add_argument("--output", "-o", required=True, type=output_dir, help="output model directory")
     _finetune_args(p)
     add_model_args(p)
 
@@ -63,8 +66,8 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
                        "runtime ablation everywhere. Tied embeddings are untied first so the "
                        "unembedding stays as it was.")
     p.add_argument("--vector", required=True, help="vector file (its one layer, or --layer)")
-    p.add_argument("--layer", type=int, default=None, help="which layer's direction to use")
-    p.add_argument("--output", "-o", required=True, help="output model directory")
+    p.add_argument("--layer", type=int_arg, default=None, help="which layer's direction to use")
+    p.add_argument("--output", "-o", required=True, type=output_dir, help="output model directory")
     add_model_args(p)
 
     p = sub.add_parser("refusal", help="the refusal direction study (Arditi et al. 2024): "
@@ -73,34 +76,34 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
 
     q = rsub.add_parser("make-data", help="the safety fine-tuning set: varied refusals on "
                         "harmful instructions + the model's own answers on harmless ones")
-    q.add_argument("--output", "-o", required=True, help="output .jsonl")
-    q.add_argument("--n-harmful", type=int, default=260)
-    q.add_argument("--n-harmless", type=int, default=260)
-    q.add_argument("--distil-tokens", type=int, default=64,
+    q.add_argument("--output", "-o", required=True, type=output_file, help="output .jsonl")
+    q.add_argument("--n-harmful", type=count_arg, default=260)
+    q.add_argument("--n-harmless", type=count_arg, default=260)
+    q.add_argument("--distil-tokens", type=nonneg_arg, default=64,
                    help="max tokens of each self-distilled harmless answer")
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=seed_arg, default=0)
     _data_args(q)
     add_model_args(q)
 
     q = rsub.add_parser("make-model", help="make-data, then finetune (smollm2-refuses)")
-    q.add_argument("--output", "-o", required=True, help="output model directory")
-    q.add_argument("--n-harmful", type=int, default=260)
-    q.add_argument("--n-harmless", type=int, default=260)
-    q.add_argument("--distil-tokens", type=int, default=64)
+    q.add_argument("--output", "-o", required=True, type=output_dir, help="output model directory")
+    q.add_argument("--n-harmful", type=count_arg, default=260)
+    q.add_argument("--n-harmless", type=count_arg, default=260)
+    q.add_argument("--distil-tokens", type=nonneg_arg, default=64)
     _finetune_args(q)
     _data_args(q)
     add_model_args(q)
 
     q = rsub.add_parser("select", help="choose the refusal direction among every layer x "
                         "post-instruction position; vector file, candidate table, heatmap")
-    q.add_argument("--output-dir", "-o", required=True)
-    q.add_argument("--n-train", type=int, default=128, help="instructions per side for means")
-    q.add_argument("--n-val", type=int, default=32, help="instructions per side for scores")
-    q.add_argument("--kl-max", type=float, default=0.1)
-    q.add_argument("--fallback-kl-max", type=float, default=None,
+    q.add_argument("--output-dir", "-o", required=True, type=output_dir)
+    q.add_argument("--n-train", type=count_arg, default=128, help="instructions per side for means")
+    q.add_argument("--n-val", type=count_arg, default=32, help="instructions per side for scores")
+    q.add_argument("--kl-max", type=finite_float, default=0.1)
+    q.add_argument("--fallback-kl-max", type=finite_float, default=None,
                    help="if no candidate passes --kl-max, choose among those under this KL "
                         "instead (no rescoring); the output records which threshold chose")
-    q.add_argument("--max-layer-frac", type=float, default=0.8,
+    q.add_argument("--max-layer-frac", type=finite_float, default=0.8,
                    help="discard candidates at layers >= this fraction of the depth")
     _data_args(q)
     add_model_args(q)
@@ -111,20 +114,20 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     q.add_argument("--vector", required=True, help="a vector from `avec refusal select`")
     q.add_argument("--orthogonalized", default=None, help="model directory from "
                    "`avec orthogonalize` (adds its row)")
-    q.add_argument("--n", type=int, default=100, help="held-out instructions per side")
-    q.add_argument("--max-new-tokens", type=int, default=32)
-    q.add_argument("--output-dir", "-o", required=True)
+    q.add_argument("--n", type=count_arg, default=100, help="held-out instructions per side")
+    q.add_argument("--max-new-tokens", type=count_arg, default=32)
+    q.add_argument("--output-dir", "-o", required=True, type=output_dir)
     _data_args(q)
     add_model_args(q)
 
     q = rsub.add_parser("reproduce", help="the whole study from scratch: fine-tune, select, "
                         "orthogonalize, evaluate (about half an hour on 2 CPU cores)")
-    q.add_argument("--output-dir", "-o", required=True)
-    q.add_argument("--n-eval", type=int, default=64)
-    q.add_argument("--epochs", type=int, default=2)
-    q.add_argument("--lora-rank", type=int, default=16)
-    q.add_argument("--lr", type=float, default=None)
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--output-dir", "-o", required=True, type=output_dir)
+    q.add_argument("--n-eval", type=count_arg, default=64)
+    q.add_argument("--epochs", type=count_arg, default=2)
+    q.add_argument("--lora-rank", type=nonneg_arg, default=16)
+    q.add_argument("--lr", type=finite_float, default=None)
+    q.add_argument("--seed", type=seed_arg, default=0)
     _data_args(q)
     add_model_args(q)
 

@@ -13,6 +13,8 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from avec.cli_args import count_arg, finite_float, int_arg, output_dir, seed_arg
+
 DESCRIPTION = """Sparse autoencoders (SAEs) on the output of one decoder block (avec's layer L),
 saved in the SAELens layout (cfg.json + sae_weights.safetensors). `train` reads activations of
 a corpus (text files, or texts the model samples itself) and trains a TopK SAE; `features`
@@ -32,37 +34,38 @@ def _train_parser(ssub: Any, add_model_args: Callable[[argparse.ArgumentParser],
                         "templated texts), train a TopK SAE on it, and save it with "
                         "train.json (settings, corpus, FVE, L0, dead latents, and the model's "
                         "loss with the SAE spliced in on a held-out slice of the texts).")
-    q.add_argument("--layer", type=int, required=True, help="block whose output is read")
+    q.add_argument("--layer", type=int_arg, required=True, help="block whose output is read")
     q.add_argument("--texts", nargs="+", metavar="FILE",
                    help=".txt files (one document per blank-line-separated paragraph) or "
                         ".json/.jsonl prompt files")
-    q.add_argument("--sample", type=int, metavar="N",
+    q.add_argument("--sample", type=count_arg, metavar="N",
                    help="have the model write N texts (seeded, temperature 1), saved as "
                         "DIR/corpus.jsonl; with --texts, the corpus is both")
     q.add_argument("--prompts", nargs="+", metavar="FILE", default=None,
                    help="seed prompts for --sample (.json/.jsonl/.txt, e.g. an instruction "
                         "set; default: 40 built-in openers and requests)")
-    q.add_argument("--sample-tokens", type=int, default=128,
+    q.add_argument("--sample-tokens", type=count_arg, default=128,
                    help="new tokens per sampled text (default 128)")
-    q.add_argument("--latents", type=int, default=None,
+    q.add_argument("--latents", type=count_arg, default=None,
                    help="number of latents d_sae (default 8 x d_model)")
-    q.add_argument("--k", type=int, default=d.k, help=f"latents kept per token (default {d.k})")
+    q.add_argument("--k", type=count_arg, default=d.k,
+                   help=f"latents kept per token (default {d.k})")
     length = q.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=int, default=d.epochs,
+    length.add_argument("--epochs", type=count_arg, default=d.epochs,
                         help=f"passes over the activations (default {d.epochs})")
-    length.add_argument("--steps", type=int, default=None,
+    length.add_argument("--steps", type=count_arg, default=None,
                         help="optimiser steps (instead of --epochs)")
-    q.add_argument("--lr", type=float, default=d.lr, help=f"Adam learning rate ({d.lr})")
-    q.add_argument("--batch-size", type=int, default=d.batch_size,
+    q.add_argument("--lr", type=finite_float, default=d.lr, help=f"Adam learning rate ({d.lr})")
+    q.add_argument("--batch-size", type=count_arg, default=d.batch_size,
                    help=f"activation rows per step ({d.batch_size})")
-    q.add_argument("--max-tokens", type=int, default=128,
+    q.add_argument("--max-tokens", type=count_arg, default=128,
                    help="tokens read per text (default 128)")
-    q.add_argument("--holdout", type=float, default=0.1,
+    q.add_argument("--holdout", type=finite_float, default=0.1,
                    help="fraction of the texts held out for the evaluation (default 0.1; 0 "
                         "skips the loss evaluation)")
-    q.add_argument("--seed", type=int, default=d.seed,
+    q.add_argument("--seed", type=seed_arg, default=d.seed,
                    help="seeds the sampled corpus, the held-out split and the training")
-    q.add_argument("--output", "-o", required=True, help="SAE directory to write")
+    q.add_argument("--output", "-o", required=True, type=output_dir, help="SAE directory to write")
     add_model_args(q)
 
 
@@ -82,7 +85,7 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     src.add_argument("--pairs", help="contrast pairs (.jsonl, or CAA-style A/B .json)")
     src.add_argument("--texts", nargs="+", metavar="FILE",
                      help="positive texts only (.txt split at blank lines, .json/.jsonl)")
-    q.add_argument("--top", type=int, default=10, help="latents reported (default 10)")
+    q.add_argument("--top", type=count_arg, default=10, help="latents reported (default 10)")
     q.add_argument("--rank", choices=["selective", "difference"], default="selective",
                    help="with --pairs: activation difference times firing-rate difference "
                         "(selective, default; demotes latents that fire on most texts) or "
@@ -91,21 +94,22 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
                    help="per-text value: mean over tokens after the first, or the last token")
     q.add_argument("--corpus", nargs="+", metavar="FILE", default=None,
                    help="texts searched for top examples (default: the ranked texts)")
-    q.add_argument("--examples", type=int, default=10, help="examples per latent (default 10)")
-    q.add_argument("--max-tokens", type=int, default=128)
-    q.add_argument("--output", "-o", required=True, help="output directory")
+    q.add_argument("--examples", type=count_arg, default=10,
+                   help="examples per latent (default 10)")
+    q.add_argument("--max-tokens", type=count_arg, default=128)
+    q.add_argument("--output", "-o", required=True, type=output_dir, help="output directory")
     add_model_args(q)
 
     q = ssub.add_parser("steer", help="unsteered vs steered greedy completions with one latent",
                         description="Clamp a latent to a value (keeping the SAE's error) or add "
                         "its decoder direction, at every position of block --layer's output.")
     _sae_args(q)
-    q.add_argument("--latent", type=int, required=True)
+    q.add_argument("--latent", type=int_arg, required=True)
     how = q.add_mutually_exclusive_group(required=True)
-    how.add_argument("--clamp", type=float, metavar="V", help="set the latent to V")
-    how.add_argument("--add", type=float, metavar="C", help="add C x its decoder row")
+    how.add_argument("--clamp", type=finite_float, metavar="V", help="set the latent to V")
+    how.add_argument("--add", type=finite_float, metavar="C", help="add C x its decoder row")
     q.add_argument("--prompt", action="append", required=True, help="repeatable")
-    q.add_argument("--max-new-tokens", type=int, default=48)
+    q.add_argument("--max-new-tokens", type=count_arg, default=48)
     chat = q.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="apply the chat template (default: if the model has one)")
@@ -115,7 +119,7 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
 
 def _sae_args(q: argparse.ArgumentParser) -> None:
     q.add_argument("--sae", required=True, help="SAE directory (SAELens layout)")
-    q.add_argument("--layer", type=int, default=None,
+    q.add_argument("--layer", type=int_arg, default=None,
                    help="block whose output the SAE reads (default: the one it was trained on)")
 
 

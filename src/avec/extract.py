@@ -11,6 +11,7 @@ from avec.data.pairs import ContrastPair
 from avec.data.templates import pair_texts
 from avec.methods import get_method
 from avec.methods.actadd import ActAdd, actadd_token_lists
+from avec.models.context import check_texts
 from avec.models.model import Model
 from avec.vector import SteeringVector
 
@@ -35,8 +36,10 @@ def extract(model: Model, pairs: Sequence[ContrastPair], layers: Sequence[int], 
     layers = model.check_layers(list(layers))
     fitter = get_method(method, **({"seed": seed} if method == "random" else {}))
     pos_texts, neg_texts = pair_texts(list(pairs), model, chat=chat)
+    sources = [f"{p.source or f'pair {i + 1}'} ({side})" for side in ("positive", "negative")
+               for i, p in enumerate(pairs)]
     acts = read_activations(model, pos_texts + neg_texts, layers, position=position,
-                            batch_size=batch_size, progress=progress)
+                            batch_size=batch_size, progress=progress, sources=sources)
     n = len(pairs)
     directions: dict[int, torch.Tensor] = {
         L: fitter.fit(a[:n], a[n:]) for L, a in acts.items()}
@@ -66,6 +69,9 @@ def extract_actadd(model: Model, pair: ContrastPair, layers: Sequence[int], *,
     layers = model.check_layers(list(layers))
     (pos_text,), (neg_text,) = pair_texts([pair], model, chat=chat)
     pos_ids, neg_ids = model.encode([pos_text, neg_text])
+    where = pair.source or "the pair"
+    check_texts(model, [pos_text, neg_text], [pos_ids, neg_ids],
+                sources=[f"{where} (positive)", f"{where} (negative)"])
     pos_ids, neg_ids = actadd_token_lists(pos_ids, neg_ids, space_token_id(model))
     ids, mask, positions = pad_batch([pos_ids, neg_ids], model.tokenizer.pad_token_id, "right",
                                      model.device)

@@ -16,6 +16,13 @@ from avec.steer import Intervention, Op, Positions, steer
 from avec.vector import SteeringVector
 
 
+RowStop = Callable[[torch.Tensor], torch.Tensor]
+"""``row_stop(usable) -> stop``: called before each step's tokens are chosen, with ``usable``, a
+``[B]`` bool tensor (the row's logits are all finite, and so are they divided by the row's
+temperature when it samples); returns a ``[B]`` bool tensor of the rows to end now (a row once
+ended stays ended)."""
+
+
 @dataclass(frozen=True)
 class Completion:
     prompt: str
@@ -40,7 +47,8 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int,
                  temperature: float = 0.0, seed: int = 0, min_new_tokens: int = 0,
                  stopping_criteria: Sequence[Any] = (),
                  on_step: Callable[[torch.Tensor], None] | None = None,
-                 row_sampling: Sequence[RowSampling | None] | None = None) -> list[list[int]]:
+                 row_sampling: Sequence[RowSampling | None] | None = None,
+                 row_stop: RowStop | None = None) -> list[list[int]]:
     """Continuation of a batch of token lists (left-padded): greedy, or sampled at
     ``temperature`` > 0 with ``seed`` (the global torch RNG is restored afterwards). Returns new
     tokens only, cut at the first end-of-sequence token. ``stopping_criteria`` are transformers
@@ -50,6 +58,7 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int,
     as soon as it exists (streaming). ``row_sampling`` (avec's loop only) samples some rows:
     one :class:`RowSampling` (temperature and a seeded generator of that row's own) or ``None``
     (greedy) per row, so a row's tokens do not depend on the rest of the batch's randomness.
+    ``row_stop`` (avec's loop only) ends rows early, see :func:`decode`.
 
     Greedy decoding (and per-row sampling) without stopping criteria runs avec's own loop
     (:func:`decode`: the same forward calls as ``model.generate``, without its per-step
@@ -60,10 +69,10 @@ def generate_ids(model: Model, prompt_ids: list[list[int]], max_new_tokens: int,
                                    model.device)
     if temperature <= 0 and not stopping_criteria:
         new = decode(model, input_ids, mask, max_new_tokens, min_new_tokens, eos_ids,
-                     on_step=on_step, row_sampling=row_sampling)
-    elif on_step is not None or row_sampling is not None:
-        raise ValueError("on_step and row_sampling need temperature 0 (per-row sampling "
-                         "replaces it) and no stopping criteria")
+                     on_step=on_step, row_sampling=row_sampling, row_stop=row_stop)
+    elif on_step is not None or row_sampling is not None or row_stop is not None:
+        raise ValueError("on_step, row_sampling and row_stop need temperature 0 (per-row "
+                         "sampling replaces it) and no stopping criteria")
     else:
         new = _hf_generate(model, input_ids, mask, max_new_tokens, min_new_tokens,
                            sorted(eos_ids) or None, temperature, seed, stopping_criteria)
@@ -118,11 +127,23 @@ def choose_next(logits: torch.Tensor, row_sampling: Sequence[RowSampling | None]
     return nxt
 
 
+def usable_rows(logits: torch.Tensor, row_sampling: Sequence[RowSampling | None] | None
+                ) -> torch.Tensor:
+    """``[B]`` bool: the rows of ``logits`` ``[B, V]`` a token can be chosen from: all finite,
+    and still finite divided by the row's temperature if it samples (else softmax gives NaN)."""
+    usable = torch.isfinite(logits).all(-1)
+    for j, rs in enumerate(row_sampling or ()):
+        if rs is not None and bool(usable[j]):
+            usable[j] = bool(torch.isfinite(logits[j].float() / rs.temperature).all())
+    return usable
+
+
 @torch.inference_mode()
 def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int,
            min_new_tokens: int = 0, eos_ids: set[int] | frozenset[int] = frozenset(), *,
            on_step: Callable[[torch.Tensor], None] | None = None,
-           row_sampling: Sequence[RowSampling | None] | None = None) -> torch.Tensor:
+           row_sampling: Sequence[RowSampling | None] | None = None,
+           row_stop: RowStop | None = None) -> torch.Tensor:
     """Continuation ``[B, <= max_new_tokens]`` of left-padded ``input_ids``: greedy, or sampled
     for the rows ``row_sampling`` names.
 
@@ -133,7 +154,9 @@ def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     ``min_new_tokens`` steps; a finished row gets padding; the loop ends when every row has
     finished. ``on_step(tokens)`` sees each step's ``[B]`` new tokens as they are chosen.
     ``row_sampling`` samples the rows that have a :class:`RowSampling` instead of taking the
-    argmax.
+    argmax. ``row_stop`` (see :data:`RowStop`) ends rows early (a server's cancelled or failed
+    rows): an ended row gets padding, its logits are not used (non-finite ones cannot break
+    sampling) and the loop ends when every row has ended; the other rows' tokens are unchanged.
     """
     import inspect
 
@@ -154,6 +177,11 @@ def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     tokens: list[torch.Tensor] = []
     for step in range(max_new_tokens):
         logits = out.logits[:, -1, :]
+        if row_stop is not None:
+            finished |= row_stop(usable_rows(logits, row_sampling)).to(finished.device)
+            if bool(finished.all()):
+                break
+            logits = logits.masked_fill(finished.unsqueeze(-1), 0.0)
         if step < min_new_tokens and eos.numel():
             logits = logits.clone()
             logits[:, eos] = -float("inf")
@@ -172,6 +200,8 @@ def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         pos = pos[:, -1:] + 1
         out = hf(input_ids=nxt.unsqueeze(1), attention_mask=mask, position_ids=pos,
                  use_cache=True, **{cache_name: cache}, **keep)
+    if not tokens:  # row_stop ended every row before the first token
+        return input_ids.new_zeros((input_ids.shape[0], 0))
     return torch.stack(tokens, dim=1)
 
 

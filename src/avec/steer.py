@@ -22,6 +22,8 @@ are named sub-modules and whose directions are whole activations (e.g. ``[C, H, 
 from __future__ import annotations
 
 import contextlib
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Literal, Sequence, Union
 
@@ -38,20 +40,29 @@ Positions = Union[str, int]
 Coef = Union[float, Sequence[float], torch.Tensor]
 
 
+MAX_POSITION = 2**31 - 1
+_FROM = re.compile(r"from:([0-9]{1,10})")
+
+
 def parse_positions(positions: Positions) -> Positions:
-    """Validate a position spec; returns ``"all"``, ``"prompt"``, ``"generated"`` or an int."""
-    if isinstance(positions, bool):
-        raise SteeringError(f"invalid positions {positions!r}")
+    """Validate a position spec; returns ``"all"``, ``"prompt"``, ``"generated"`` or an int
+    start index in ``0..2**31-1`` (``"from:K"`` is K). Bools are refused (``True`` is not
+    position 1), and so are negative, oversized and malformed values."""
+    if isinstance(positions, bool) or not isinstance(positions, (int, str)):
+        raise SteeringError(f"invalid positions {positions!r}"[:200] + "; use 'all', 'prompt', "
+                            "'generated', 'from:K' or an int K (tokens at index >= K)")
     if isinstance(positions, int):
-        if positions < 0:
-            raise SteeringError(f"positions={positions}: a start index must be >= 0")
+        if not 0 <= positions <= MAX_POSITION:
+            raise SteeringError(f"positions={positions}"[:80] + f": a start index must be in "
+                                f"0..{MAX_POSITION}")
         return positions
     if positions in ("all", "prompt", "generated"):
         return positions
-    if isinstance(positions, str) and positions.startswith("from:") and positions[5:].isdigit():
-        return int(positions[5:])
-    raise SteeringError(f"invalid positions {positions!r}; use 'all', 'prompt', 'generated', "
-                        f"'from:K' or an int K (tokens at index >= K)")
+    match = _FROM.fullmatch(positions)
+    if match:
+        return parse_positions(int(match.group(1)))
+    raise SteeringError(f"invalid positions {positions!r}"[:200] + "; use 'all', 'prompt', "
+                        "'generated', 'from:K' or an int K (tokens at index >= K)")
 
 
 @dataclass
@@ -83,6 +94,11 @@ class Intervention:
             self.coef = torch.tensor([float(c) for c in self.coef], dtype=torch.float32)
         if isinstance(self.coef, torch.Tensor) and not torch.isfinite(self.coef).all():
             raise SteeringError("coefficients must be finite")
+        if isinstance(self.coef, (int, float)) and not math.isfinite(self.coef):
+            raise SteeringError(f"coefficient {self.coef} must be finite")
+        values = self.value.values() if isinstance(self.value, dict) else [self.value]
+        if not all(math.isfinite(float(v)) for v in values):
+            raise SteeringError("clamp values must be finite")
 
     @property
     def is_noop(self) -> bool:

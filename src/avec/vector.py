@@ -18,6 +18,8 @@ import torch
 
 from avec._version import __version__
 from avec.errors import VectorFileError
+from avec.vector_checks import (SAFETENSORS_FLOAT_DTYPES, check_metadata, directions_from,
+                                layer_index)
 
 FORMAT_VERSION = 1
 METADATA_KEY = "avec"
@@ -142,62 +144,58 @@ class SteeringVector:
 
     @classmethod
     def load(cls, path: str | Path, *, expected_width: int | None = None) -> "SteeringVector":
-        """Read a vector file, refusing anything malformed, non-finite or of the wrong width."""
+        """Read a vector file, refusing anything malformed, non-finite or of the wrong width.
+
+        The header is checked (:func:`avec.safetensors_check.check_safetensors`) before
+        safetensors opens the file; tensors are checked after conversion to float32
+        (:mod:`avec.vector_checks`)."""
         from safetensors import SafetensorError, safe_open
 
+        from avec.safetensors_check import METADATA, check_safetensors
+
         path = Path(path)
-        if not path.is_file():
-            raise VectorFileError(f"{path}: vector file not found")
+        _require_file(path)
+        try:
+            header = check_safetensors(path)
+        except VectorFileError as exc:
+            if "not a valid safetensors" not in str(exc):
+                raise
+            raise VectorFileError(f"{exc}. avec vector files are safetensors; avec never loads "
+                                  f"pickled (.pt/.pkl) files") from None
+        meta = _parse_metadata(path, header.get(METADATA) or {})
+        for name, info in header.items():
+            if name != METADATA:
+                layer_index(path, name, TENSOR_PREFIX)
+                if info["dtype"] not in SAFETENSORS_FLOAT_DTYPES:
+                    raise VectorFileError(
+                        f"{path}: tensor {name!r} has dtype {info['dtype']}; a direction must "
+                        f"be one of {', '.join(SAFETENSORS_FLOAT_DTYPES)} (floating point)")
         try:
             with safe_open(str(path), framework="pt") as fh:
-                header = fh.metadata() or {}
                 tensors = {name: fh.get_tensor(name) for name in fh.keys()}
-        except (SafetensorError, OSError, ValueError) as exc:
+        except (SafetensorError, OSError, ValueError, TypeError, RuntimeError) as exc:
             raise VectorFileError(
                 f"{path}: not a valid safetensors file ({exc}). avec vector files are "
                 f"safetensors; avec never loads pickled (.pt/.pkl) files") from None
-        return cls._from_parts(path, header, tensors, expected_width)
+        return cls._from_parts(path, meta, tensors, expected_width)
 
     @classmethod
-    def _from_parts(cls, path: Path, header: Mapping[str, str], tensors: dict[str, torch.Tensor],
+    def _from_parts(cls, path: Path, meta: dict[str, Any], tensors: Mapping[str, torch.Tensor],
                     expected_width: int | None) -> "SteeringVector":
-        if METADATA_KEY not in header:
-            raise VectorFileError(f"{path}: no {METADATA_KEY!r} metadata in the safetensors "
-                                  f"header; this is not an avec vector file")
-        try:
-            meta = json.loads(header[METADATA_KEY])
-        except json.JSONDecodeError as exc:
-            raise VectorFileError(f"{path}: malformed JSON metadata ({exc.msg})") from None
-        if not isinstance(meta, dict):
-            raise VectorFileError(f"{path}: metadata must be a JSON object")
-        directions: dict[int, torch.Tensor] = {}
-        for name, tensor in tensors.items():
-            suffix = name[len(TENSOR_PREFIX):]
-            if not name.startswith(TENSOR_PREFIX) or not suffix.isdigit():
-                raise VectorFileError(f"{path}: unexpected tensor {name!r}; expected 'layer.<N>'")
-            if not tensor.is_floating_point():
-                raise VectorFileError(f"{path}: tensor {name!r} has dtype {tensor.dtype}, "
-                                      f"expected floating point")
-            if not torch.isfinite(tensor).all():
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise VectorFileError(f"{path}: tensor {name!r} has {bad} NaN/inf values")
-            directions[int(suffix)] = tensor.float()
-        if not directions:
-            raise VectorFileError(f"{path}: the file holds no 'layer.<N>' tensors")
-        shapes = {tuple(t.shape) for t in directions.values()}
-        if len(shapes) != 1:
-            raise VectorFileError(f"{path}: layers have different shapes {sorted(shapes)}")
-        declared = meta.get("layers")
-        if declared is not None and sorted(declared) != sorted(directions):
-            raise VectorFileError(f"{path}: metadata lists layers {declared} but the file holds "
-                                  f"{sorted(directions)}")
+        directions = directions_from(path, tensors, TENSOR_PREFIX,
+                                     any_shape=isinstance(meta.get("sites"), dict))
+        check_metadata(path, meta, directions, FORMAT_VERSION)
         vec = cls(directions, meta)
         if expected_width is not None and vec.width != expected_width:
             raise VectorFileError(_width_message(path, vec, expected_width))
         return vec
 
     def check_model(self, model: Any) -> None:
-        """Raise if this vector cannot be applied to ``model`` (width or layer range)."""
+        """Raise if this vector cannot be applied to ``model`` (width, layer range, and for a
+        language model a ``[d]`` or ``[T, d]`` shape)."""
+        if len(self.shape) > 2 and hasattr(model, "tokenizer"):
+            raise VectorFileError(f"vector shape {list(self.shape)} cannot steer a language "
+                                  f"model: directions must be [d] or [T, d]")
         if self.width != model.d_model:
             raise VectorFileError(_width_message(None, self, model.d_model, model.name))
         bad = [L for L in self.layers if not 0 <= L < model.n_layers]
@@ -220,6 +218,29 @@ def _width_message(path: Path | None, vec: SteeringVector, width: int, name: str
     where = f"{path}: " if path else ""
     return (f"{where}vector width {vec.width}{origin} does not match the model width {width}"
             f"{' of ' + name if name else ''}; extract a vector on this model")
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise VectorFileError(f"{path}: vector file not found")
+    if not path.is_file():
+        raise VectorFileError(f"{path}: not a regular file (a directory?); give a vector file")
+
+
+def _parse_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
+    """The avec metadata object of a safetensors header (bounded JSON, valid Unicode)."""
+    from avec.jsonsafe import JSONInputError, loads
+
+    if METADATA_KEY not in header:
+        raise VectorFileError(f"{path}: no {METADATA_KEY!r} metadata in the safetensors "
+                              f"header; this is not an avec vector file")
+    try:
+        meta = loads(header[METADATA_KEY], max_depth=32)
+    except JSONInputError as exc:
+        raise VectorFileError(f"{path}: malformed JSON metadata ({exc.message})") from None
+    if not isinstance(meta, dict):
+        raise VectorFileError(f"{path}: metadata must be a JSON object")
+    return meta
 
 
 def load_vector(path: str | Path, model: Any = None) -> SteeringVector:

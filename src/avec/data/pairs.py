@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from avec.data.textfile import (check_text, iter_lines, parse_json, parse_json_document,
+                                read_text)
 from avec.errors import DataError
 
 AB_LETTER = re.compile(r"^\s*\(([A-Za-z])\)")
@@ -22,12 +24,15 @@ class ContrastPair:
     """Two texts that differ in the behaviour or concept to steer.
 
     ``positive`` and ``negative`` are complete texts, or, when ``prompt`` is set, two
-    continuations (assistant replies) of the same prompt (user message).
+    continuations (assistant replies) of the same prompt (user message). ``source`` says where
+    a loaded pair came from (``"file:line"`` or ``"file: item i"``), for error messages; it
+    takes no part in comparisons.
     """
 
     positive: str
     negative: str
     prompt: str | None = None
+    source: str | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for key in ("positive", "negative"):
@@ -41,14 +46,9 @@ class ContrastPair:
 def _check_str(obj: dict[str, Any], key: str, where: str, *, required: bool = True) -> str | None:
     if key not in obj:
         if required:
-            raise DataError(f"{where}: missing key {key!r} (keys present: {sorted(obj)})")
+            raise DataError(f"{where}: missing key {key!r} (keys present: {sorted(obj)[:20]})")
         return None
-    value = obj[key]
-    if not isinstance(value, str):
-        raise DataError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
-    if not value.strip():
-        raise DataError(f"{where}: {key!r} is empty")
-    return value
+    return check_text(obj[key], where, key)
 
 
 def _pair_from_obj(obj: Any, where: str) -> ContrastPair:
@@ -61,22 +61,20 @@ def _pair_from_obj(obj: Any, where: str) -> ContrastPair:
     if pos == neg:
         raise DataError(f"{where}: 'positive' and 'negative' are identical ({pos!r}); a pair "
                         f"must differ in the behaviour to steer")
-    return ContrastPair(positive=pos, negative=neg, prompt=prompt)  # type: ignore[arg-type]
+    return ContrastPair(positive=pos, negative=neg, prompt=prompt,  # type: ignore[arg-type]
+                        source=where)
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
     """``("file:line", object)`` for each non-empty line of a JSON Lines file; a bad line
-    raises :class:`DataError` naming file and line."""
+    (invalid or too deeply nested JSON, a lone surrogate, over the length cap) raises
+    :class:`DataError` naming file and line."""
     path = Path(path)
-    for lineno, line in enumerate(_read_text(path).splitlines(), start=1):
+    for lineno, line in iter_lines(path):
         if not line.strip():
             continue
         where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-        yield where, obj
+        yield where, parse_json(line, where)
 
 
 def load_jsonl_pairs(path: str | Path) -> list[ContrastPair]:
@@ -110,11 +108,7 @@ def load_ab_pairs(path: str | Path, *, max_letter_share: float = 0.8) -> list[Co
     ``max_letter_share`` of >= 10 items (the vector would learn the letter, not the behaviour).
     """
     path = Path(path)
-    try:
-        items = json.loads(_read_text(path))
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"
-                        ) from None
+    items = parse_json_document(path, read_text(path))
     if not isinstance(items, list) or not items:
         raise DataError(f"{path}: expected a non-empty JSON list of A/B items")
     pairs = []
@@ -133,7 +127,8 @@ def load_ab_pairs(path: str | Path, *, max_letter_share: float = 0.8) -> list[Co
             raise DataError(f"{where}: answers must start with a letter in parentheses, like "
                             f"'(A)'; got {match!r} and {other!r}")
         letters[letter] += 1
-        pairs.append(ContrastPair(positive=match, negative=other, prompt=question))  # type: ignore[arg-type]
+        pairs.append(ContrastPair(positive=match, negative=other,  # type: ignore[arg-type]
+                                  prompt=question, source=where))
     top, count = letters.most_common(1)[0]
     if len(pairs) >= 10 and count / len(pairs) > max_letter_share:
         raise DataError(
@@ -155,42 +150,30 @@ def load_pairs(path: str | Path, fmt: str = "auto") -> list[ContrastPair]:
     raise DataError(f"unknown pair format {fmt!r}; use 'jsonl', 'ab' or 'auto'")
 
 
-def _read_text(path: Path) -> str:
-    if not path.is_file():
-        raise DataError(f"{path}: file not found")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-
-
 def load_prompts(path: str | Path) -> list[str]:
     """Prompts from ``.txt`` (one per non-empty line), ``.json`` (a list) or ``.jsonl``.
 
     JSON items may be strings or objects with one of the keys ``prompt``, ``question``,
     ``instruction`` or ``text``.
     """
+    return [text for _where, text in load_located_prompts(path)]
+
+
+def load_located_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """``(where, prompt)`` pairs as :func:`load_prompts` reads them, ``where`` being
+    ``"file:line"`` (``.txt``, ``.jsonl``) or ``"file: item i"`` (``.json``)."""
     path = Path(path)
-    text = _read_text(path)
     if path.suffix == ".txt" or path.suffix == "":
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+        prompts = [(f"{path}:{n}", check_text(line.strip(), f"{path}:{n}", "prompt"))
+                   for n, line in iter_lines(path) if line.strip()]
     elif path.suffix == ".jsonl":
-        prompts = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                prompts.append(_prompt_of(obj, f"{path}:{lineno}"))
+        prompts = [(where, _prompt_of(obj, where)) for where, obj in iter_jsonl(path)]
     elif path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+        items = parse_json_document(path, read_text(path))
         if not isinstance(items, list):
             raise DataError(f"{path}: expected a JSON list of prompts")
-        prompts = [_prompt_of(obj, f"{path}: item {i}") for i, obj in enumerate(items)]
+        prompts = [(f"{path}: item {i}", _prompt_of(obj, f"{path}: item {i}"))
+                   for i, obj in enumerate(items)]
     else:
         raise DataError(f"{path}: unknown prompt file type; use .txt, .json or .jsonl")
     if not prompts:
@@ -203,17 +186,13 @@ PROMPT_KEYS = ("prompt", "question", "instruction", "text")
 
 def _prompt_of(obj: Any, where: str) -> str:
     if isinstance(obj, str):
-        value: Any = obj
-    elif isinstance(obj, dict):
+        return check_text(obj, where, "prompt")
+    if isinstance(obj, dict):
         key = next((k for k in PROMPT_KEYS if k in obj), None)
         if key is None:
             raise DataError(f"{where}: no prompt key; expected one of {list(PROMPT_KEYS)}")
-        value = obj[key]
-    else:
-        raise DataError(f"{where}: expected a string or an object, got {type(obj).__name__}")
-    if not isinstance(value, str) or not value.strip():
-        raise DataError(f"{where}: empty prompt")
-    return value
+        return check_text(obj[key], where, key)
+    raise DataError(f"{where}: expected a string or an object, got {type(obj).__name__}")
 
 
 def save_jsonl_pairs(pairs: Iterable[ContrastPair], path: str | Path) -> None:

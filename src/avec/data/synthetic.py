@@ -143,6 +143,7 @@ def generate_pairs(model: Model, concept: str, n: int, *, contrast: str | None =
 def save_generated(pairs: list[GeneratedPair], path: str | Path, concept: str,
                    generator: dict[str, Any], contrast: str | None = None) -> None:
     """JSON lines readable by ``load_pairs``; each line also records concept and generator."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as fh:
         for g in pairs:
             fh.write(json.dumps({"positive": g.pair.positive, "negative": g.pair.negative,

@@ -10,7 +10,6 @@ layer and coefficient of a sweep: k coefficients cost little more than one.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from avec.data.pairs import ab_letter
 from avec.activations import pad_batch
 from avec.errors import DataError
 from avec.evaluate.forward import continue_from_cache, prefix_cache
+from avec.models.context import check_lengths, snippet
 from avec.models.model import Model
 from avec.steer import Op, steer
 from avec.vector import SteeringVector
@@ -39,13 +39,10 @@ class ABItem:
 def load_ab_items(path: str | Path) -> list[ABItem]:
     """CAA behaviour files (``question``, ``answer_matching_behavior``, ...) or capability files
     (``prompt``, ``correct``, ``incorrect``, e.g. MMLU/TruthfulQA A/B)."""
+    from avec.data.textfile import check_text, parse_json_document, read_text
+
     path = Path(path)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    data = parse_json_document(path, read_text(path))
     if not isinstance(data, list) or not data:
         raise DataError(f"{path}: expected a non-empty JSON list of A/B items")
     items = []
@@ -63,6 +60,8 @@ def load_ab_items(path: str | Path) -> list[ABItem]:
         missing = [k for k in keys if not isinstance(obj.get(k), str) or not obj[k].strip()]
         if missing:
             raise DataError(f"{where}: missing or empty {missing}")
+        for key in keys:
+            check_text(obj[key], where, key)
         target, other = ab_letter(obj[keys[1]]), ab_letter(obj[keys[2]])
         if target is None or other is None or target == other:
             raise DataError(f"{where}: answers must be different letters like '(A)'/'(B)'")
@@ -126,6 +125,8 @@ def ab_variants(model: Model, items: Sequence[ABItem], variants: Sequence[Varian
     letters = sorted({x for it in items for x in (it.target, it.other)})
     letter_ids = {x: letter_token(model, x) for x in letters}
     split = [split_prompt(model, it.question, chat) for it in items]
+    check_lengths(model, [len(a) + len(b) for a, b in split],
+                  lambda i: f"A/B item {i + 1} ({snippet(items[i].question)})")
     groups: dict[tuple[int, ...], list[int]] = {}
     for i, (_prefix, suffix) in enumerate(split):
         groups.setdefault(tuple(suffix), []).append(i)

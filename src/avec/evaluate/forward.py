@@ -7,13 +7,20 @@ from typing import Any
 
 import torch
 
-from avec.activations import pad_batch
+from avec.activations import length_batches, pad_batch
+from avec.models.context import check_lengths
 from avec.models.model import Model, cache_kwarg, output_cache
+
+
+def _check(model: Model, token_lists: list[list[int]]) -> None:
+    check_lengths(model, [len(t) for t in token_lists],
+                  lambda i: f"text {i + 1} of {len(token_lists)}")
 
 
 @torch.inference_mode()
 def prefix_cache(model: Model, prefixes: list[list[int]]) -> tuple[Any, torch.Tensor]:
     """Run left-padded prefixes once; return ``(cache, attention_mask)``."""
+    _check(model, prefixes)
     ids, mask, pos = pad_batch(prefixes, model.tokenizer.pad_token_id, "left", model.device)
     out = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
     return output_cache(out), mask
@@ -43,11 +50,12 @@ def continue_from_cache(model: Model, cache: Any, mask: torch.Tensor, suffix: li
 @torch.inference_mode()
 def batched_logits(model: Model, token_lists: list[list[int]], batch_size: int = 16
                    ) -> list[torch.Tensor]:
-    """Full logits ``[len_i, vocab]`` (float32, CPU) for each token list, right-padded batches."""
+    """Full logits ``[len_i, vocab]`` (float32, CPU) for each token list, right-padded batches
+    (fewer rows for long texts, see :func:`avec.activations.length_batches`)."""
+    _check(model, token_lists)
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     out: list[torch.Tensor | None] = [None] * len(token_lists)
-    for start in range(0, len(order), batch_size):
-        rows = order[start:start + batch_size]
+    for rows in length_batches(order, token_lists, batch_size):
         ids, mask, pos = pad_batch([token_lists[i] for i in rows], model.tokenizer.pad_token_id,
                                    "right", model.device)
         logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos,
@@ -67,6 +75,7 @@ def steered_logit_rows(model: Model, token_lists: list[list[int]], vector: Any, 
     """
     from avec.steer import steer
 
+    _check(model, token_lists)
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     per_batch = max(1, batch_size // max(1, len(coefs)))
     row_coefs = torch.tensor(coefs, dtype=torch.float32)

@@ -142,18 +142,27 @@ def _need(value: Sequence[Any], metric: str, flag: str) -> None:
         raise ValueError(f"metric {metric!r} needs {flag}")
 
 
-def parse_layers(spec: str) -> list[int]:
-    """``"14"``, ``"4,8,12"``, ``"4-20"`` or ``"4-20:2"`` (inclusive range with step)."""
+def parse_layers(spec: str, max_layers: int = 10_000) -> list[int]:
+    """``"14"``, ``"4,8,12"``, ``"4-20"`` or ``"4-20:2"`` (inclusive range with step); at most
+    ``max_layers`` layers in all (a typo such as ``0-99999999999`` is refused, not expanded)."""
     out: list[int] = []
     for part in spec.split(","):
         part = part.strip()
-        step = 1
-        if ":" in part:
-            part, step_s = part.split(":")
-            step = int(step_s)
-        if "-" in part[1:]:
-            a, b = part.split("-", 1)
-            out.extend(range(int(a), int(b) + 1, step))
-        else:
-            out.append(int(part))
+        try:
+            step = 1
+            if ":" in part:
+                part, step_s = part.split(":")
+                step = int(step_s)
+            if "-" in part[1:]:
+                a, b = part.split("-", 1)
+                if step < 1 or (int(b) - int(a)) // step >= max_layers:
+                    raise ValueError
+                out.extend(range(int(a), int(b) + 1, step))
+            else:
+                out.append(int(part))
+        except ValueError:
+            raise ValueError(f"invalid layers {spec[:80]!r}: use 14, 4,8,12 or 4-20[:step] "
+                             f"(a step >= 1, at most {max_layers} layers)") from None
+        if len(out) > max_layers:
+            raise ValueError(f"--layers {spec[:80]!r} names more than {max_layers} layers")
     return out

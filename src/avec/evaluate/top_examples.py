@@ -74,16 +74,17 @@ def top_examples(model: Model, texts: Sequence[str], direction: torch.Tensor, la
 def load_corpus(paths: Sequence[str | Path]) -> list[str]:
     """Texts from files: ``.txt`` split at blank lines, ``.json``/``.jsonl`` as prompt files."""
     from avec.data.pairs import load_prompts
+    from avec.data.textfile import check_text, read_text
 
     texts: list[str] = []
     for path in map(Path, paths):
         if path.suffix in (".json", ".jsonl"):
             texts.extend(load_prompts(path))
-        elif path.is_file():
-            chunks = [c.strip() for c in path.read_text(encoding="utf-8").split("\n\n")]
-            texts.extend(c for c in chunks if c)
         else:
-            raise DataError(f"{path}: file not found")
+            text = read_text(path)
+            chunks = [c.strip() for c in text.split("\n\n")]
+            texts.extend(check_text(c, f"{path}: paragraph {i + 1}")
+                         for i, c in enumerate(c for c in chunks if c))
     if not texts:
         raise DataError("the corpus is empty")
     return texts

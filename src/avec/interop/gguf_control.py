@@ -7,7 +7,8 @@ llama.cpp adds ``direction.L`` to the output of block ``L`` (0-based; its loader
 ``direction.0``), and repeng's layer ``L`` is ``hidden_states[L + 1]``, the output of block
 ``L``: the same convention as avec's layer ``L``, so indices carry over unchanged.
 
-Reading uses ``gguf.GGUFReader`` (a memory map of plain tensors); nothing is unpickled.
+Reading uses ``gguf.GGUFReader`` (a memory map of plain tensors) after a bounded check of the
+header (:mod:`avec.interop.gguf_check`); nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -19,56 +20,60 @@ import numpy as np
 import torch
 
 from avec.errors import VectorFileError
+from avec.interop.gguf_check import check_gguf
 from avec.vector import SteeringVector
+from avec.vector_checks import directions_from
 
 ARCH = "controlvector"
 TENSOR_PREFIX = "direction."
 
 
 def _field_str(reader: Any, key: str) -> str | None:
+    """A string field's value (None when the key is absent or holds something else)."""
+    from gguf import GGUFValueType
+
     field = reader.get_field(key)
-    if field is None or not len(field.parts):
+    if field is None or list(field.types) != [GGUFValueType.STRING] or not len(field.data):
         return None
     return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
 
 def read_gguf_control_vector(path: str | Path, *,
                              expected_width: int | None = None) -> SteeringVector:
-    """Read a llama.cpp / repeng control-vector GGUF file as a :class:`SteeringVector`."""
-    from gguf import GGUFReader
+    """Read a llama.cpp / repeng control-vector GGUF file as a :class:`SteeringVector`.
+
+    The header is walked with bounds first (:func:`avec.interop.gguf_check.check_gguf`), so a
+    file that declares more than it holds is refused before ``GGUFReader`` allocates anything;
+    tensors are then checked after conversion to float32 (:mod:`avec.vector_checks`)."""
+    from gguf import GGMLQuantizationType, GGUFReader
 
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise VectorFileError(f"{path}: control-vector file not found")
+    if not path.is_file():
+        raise VectorFileError(f"{path}: not a regular file (a directory?); give a .gguf file")
+    check_gguf(path)
     try:
         reader = GGUFReader(str(path))
     except Exception as exc:  # gguf raises ValueError/struct.error/... on malformed files
         raise VectorFileError(f"{path}: not a readable GGUF file ({exc})") from None
     arch = _field_str(reader, "general.architecture")
     if arch != ARCH:
-        raise VectorFileError(f"{path}: GGUF architecture is {arch!r}, not {ARCH!r}; this is a "
-                              f"model file, not a control vector")
-    directions: dict[int, torch.Tensor] = {}
+        raise VectorFileError(f"{path}: GGUF architecture is {arch!r}"[:200] + f", not {ARCH!r}; "
+                              f"this is a model file, not a control vector")
+    floats = (GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.F64)
+    raw: dict[str, torch.Tensor] = {}
     for tensor in reader.tensors:
-        name = tensor.name
-        suffix = name[len(TENSOR_PREFIX):]
-        if not name.startswith(TENSOR_PREFIX) or not suffix.isdigit():
-            raise VectorFileError(f"{path}: unexpected tensor {name!r}; expected 'direction.<N>'")
+        if tensor.tensor_type not in floats:
+            raise VectorFileError(f"{path}: tensor {tensor.name!r} has type "
+                                  f"{tensor.tensor_type.name}, expected F32, F16 or F64")
         data = np.asarray(tensor.data)
         if sum(n > 1 for n in data.shape) > 1:
-            raise VectorFileError(f"{path}: tensor {name!r} has shape {data.shape}; a control "
-                                  f"vector holds one 1-D direction per layer")
-        if data.dtype not in (np.float32, np.float16):
-            raise VectorFileError(f"{path}: tensor {name!r} has type {data.dtype}, expected float")
-        vec = torch.from_numpy(data.astype(np.float32).reshape(-1).copy())
-        if not torch.isfinite(vec).all():
-            raise VectorFileError(f"{path}: tensor {name!r} has NaN/inf values")
-        directions[int(suffix)] = vec
-    if not directions:
-        raise VectorFileError(f"{path}: the file holds no 'direction.<N>' tensors")
-    widths = {int(v.numel()) for v in directions.values()}
-    if len(widths) != 1:
-        raise VectorFileError(f"{path}: directions have different widths {sorted(widths)}")
+            raise VectorFileError(f"{path}: tensor {tensor.name!r} has shape {data.shape}; a "
+                                  f"control vector holds one 1-D direction per layer")
+        native = np.array(data, dtype=data.dtype.newbyteorder("="), copy=True)
+        raw[tensor.name] = torch.from_numpy(native.reshape(-1))
+    directions = directions_from(path, raw, TENSOR_PREFIX)
     meta = {"method": "imported", "source_format": "gguf control vector",
             "source_file": path.name, "model_hint": _field_str(reader, f"{ARCH}.model_hint")}
     out = SteeringVector(directions, meta)

@@ -28,6 +28,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from avec.jsonsafe import JSONInputError, loads
+from avec.safetensors_check import check_safetensors
+
 METADATA_KEY = "avec-maze"
 
 
@@ -131,17 +134,23 @@ def load_policy(path: str | Path) -> tuple[MazePolicy, dict[str, Any]]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such policy file; train one with `avec maze train`")
+    check_safetensors(path)  # bounded header check before safetensors allocates anything
     with safe_open(str(path), framework="pt") as f:
         raw = (f.metadata() or {}).get(METADATA_KEY)
         if raw is None:
             raise ValueError(f"{path}: not an avec maze policy (no '{METADATA_KEY}' metadata)")
         tensors = {k: f.get_tensor(k).float() for k in f.keys()}
-    meta = json.loads(raw)
-    cfg = meta["config"]
-    policy = MazePolicy(PolicyConfig(world=int(cfg["world"]), channels=tuple(cfg["channels"]),
-                                     hidden=int(cfg["hidden"]),
-                                     strides=tuple(cfg.get("strides", [2] * len(cfg["channels"])))))
-    policy.load_state_dict(tensors)
+    try:
+        meta = loads(raw, max_depth=8)
+        cfg = meta["config"]
+        policy = MazePolicy(PolicyConfig(
+            world=int(cfg["world"]), channels=tuple(int(c) for c in cfg["channels"]),
+            hidden=int(cfg["hidden"]),
+            strides=tuple(int(s) for s in cfg.get("strides", [2] * len(cfg["channels"])))))
+        policy.load_state_dict(tensors)
+    except (JSONInputError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{path}: not a valid avec maze policy ({type(exc).__name__}: {exc}); "
+                         f"train one with `avec maze train`") from None
     policy.eval()
     return policy, meta.get("record", {})
 

@@ -111,6 +111,9 @@ def load_sae(directory: str | Path, *, dtype: torch.dtype | None = None,
     """
     from safetensors import SafetensorError, safe_open
 
+    from avec.errors import VectorFileError
+    from avec.safetensors_check import check_safetensors
+
     directory = Path(directory)
     if not directory.is_dir():
         raise SAEError(f"{directory}: SAE directory not found (it should hold {CFG_FILENAME} "
@@ -148,6 +151,10 @@ def load_sae(directory: str | Path, *, dtype: torch.dtype | None = None,
                        hook_layer=None if hook_layer is None else int(hook_layer),
                        hook_name=hook_name, model_name=str(get("model_name") or ""),
                        metadata=dict(avec_part.get("metadata") or {}))
+    try:
+        check_safetensors(weights_path)
+    except VectorFileError as err:
+        raise SAEError(str(err)) from None
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             weights = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118 (safe_open is not a dict)

@@ -4,28 +4,50 @@ Requests that arrive within ``batch_window_s`` of each other (up to ``max_batch`
 left-padded batch (greedy, or sampled per row with its own seeded generator). Each distinct
 steering entry (vector, layers, op, positions, value) becomes one
 :class:`~avec.steer.Intervention` whose per-row coefficient is the row's own coefficient, or 0
-on rows that do not use it; a zero coefficient leaves a row bit-identical,
-so no request sees another's steering. The batch runs to the largest ``max_tokens`` among its
-rows and each row is cut at its own. Rows whose entries would need a conflicting order of
-interventions go to a separate batch. An error fails that batch's futures, never the worker.
+on rows that do not use it; a zero coefficient leaves a row bit-identical, so no request sees
+another's steering. Rows whose entries would need a conflicting order of interventions go to a
+separate batch.
+
+One request never hurts another:
+
+- Values that could poison shared arithmetic never enter a batch: :meth:`Engine.resolve`
+  bounds ``|coef|`` and ``|value|`` (:class:`Limits`) and checks that they are finite in the
+  model's dtype, and the registry only holds vectors that are finite in it.
+- A row ends alone (:class:`~avec.serve.rows.RowTracker`): at its own ``max_tokens`` or stop
+  string (its future resolves then, not at the end of the batch), when its client goes away
+  (:meth:`~avec.serve.rows.Generation.stop`), at its deadline, or when its logits become
+  non-finite (a 400 for that request only); the other rows' tokens are unchanged.
+- If generating a batch raises, the batch is split in halves and each half retried, down to the
+  single row that fails: only that request gets the error (400 for a steering error, 500 for
+  anything else, logged with its traceback); sampled rows redraw from their seed and streamed
+  tokens are not sent twice. The worker never dies.
+- The queue is bounded (``max_queue``; :meth:`Engine.submit` raises a 429
+  :class:`~avec.serve.errors.ServeError` with ``retry_after`` when full) and a request still
+  queued at its deadline is answered 504 without running.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
+import logging
+import math
 import queue
+import secrets
 import threading
 import time
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 
 import torch
 
 from avec.errors import SteeringError
-from avec.generation import RowSampling, generate_ids
+from avec.generation import generate_ids
 from avec.models.model import Model, eos_token_ids
+from avec.serve.errors import ServeError, safe_text
+from avec.serve.limits import Limits
 from avec.serve.registry import VectorRegistry
+from avec.serve.rows import Generation, GenerationResult, Job, RowTracker
 from avec.serve.schemas import SteeringSpec
 from avec.steer import Intervention, steer
 from avec.vector import SteeringVector
@@ -33,21 +55,10 @@ from avec.vector import SteeringVector
 if TYPE_CHECKING:
     from avec.backends.llamacpp import ControlTerm
 
+__all__ = ["Engine", "Generation", "GenerationResult", "Limits", "LlamaCppEngine",
+           "ResolvedSteering"]
 
-@dataclass
-class Limits:
-    """Per-request limits of the server (every one is checked before generation starts)."""
-
-    max_body_bytes: int = 16 * 1024 * 1024
-    max_vector_bytes: int = 16 * 1024 * 1024
-    max_tokens: int = 512
-    default_max_tokens: int = 128
-    max_prompt_tokens: int = 4096
-    max_steering: int = 8
-    max_abs_coef: float = 1000.0
-    request_timeout_s: float = 300.0
-    max_batch: int = 16
-    batch_window_s: float = 0.005
+log = logging.getLogger("avec.serve")
 
 
 @dataclass(frozen=True)
@@ -67,34 +78,30 @@ class ResolvedSteering:
         return (self.name, id(self.vector), self.layers, self.op, self.positions, self.value)
 
 
-@dataclass
-class GenerationResult:
-    tokens: list[int]
-    prompt_tokens: int
-    finish_reason: str  # "stop" (end of sequence) or "length" (hit max_tokens)
-
-
-@dataclass
-class _Request:
-    prompt_ids: list[int]
-    steering: list[ResolvedSteering]
-    max_tokens: int
-    on_token: Callable[[int], None] | None = None
-    sampling: RowSampling | None = None
-    future: concurrent.futures.Future = field(default_factory=concurrent.futures.Future)
+def _fits(x: float, dtype: torch.dtype) -> bool:
+    """``x`` is finite once converted to ``dtype``."""
+    return bool(torch.isfinite(torch.tensor(x, dtype=torch.float64).to(dtype)))
 
 
 class Engine:
-    """Owns ``model`` in a single worker thread; :meth:`submit` is safe from any thread."""
+    """Owns ``model`` in a single worker thread; :meth:`submit` is safe from any thread.
+
+    ``stats`` counts requests that ended early by cause (``cancelled``, ``timed_out``,
+    ``non_finite``, ``failed``, ``refused``) and batch ``retries``; ``batches_run`` counts
+    generation passes started (retries included)."""
 
     def __init__(self, model: Model, registry: VectorRegistry, limits: Limits | None = None
                  ) -> None:
         self.model = model
         self.registry = registry
         self.limits = limits or Limits()
-        self._queue: queue.Queue[_Request | None] = queue.Queue()
+        registry.set_caps(max_file_bytes=self.limits.max_vector_bytes,
+                          max_vectors=self.limits.max_vectors,
+                          max_total_bytes=self.limits.max_store_bytes)
+        self._queue: queue.Queue[Job | None] = queue.Queue(maxsize=self.limits.max_queue)
         self._closed = False
-        self.batches_run = 0  # number of generate_ids calls, for tests and monitoring
+        self.batches_run = 0
+        self.stats: Counter[str] = Counter()
         self._thread = threading.Thread(target=self._worker, name="avec-engine", daemon=True)
         self._thread.start()
 
@@ -103,15 +110,31 @@ class Engine:
         """Check steering entries against the registry and the limits; raise
         :class:`SteeringError` (or the registry's error for an unknown name) saying what is
         wrong."""
-        if len(specs) > self.limits.max_steering:
-            raise SteeringError(f"{len(specs)} steering entries; at most "
-                                f"{self.limits.max_steering} are allowed per request")
-        out = []
+        lim = self.limits
+        if len(specs) > lim.max_steering:
+            raise SteeringError(f"{len(specs)} steering entries; at most {lim.max_steering} "
+                                f"are allowed per request")
+        dtype = getattr(self.model, "dtype", torch.float32)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            dtype = torch.float32
+        context = lim.max_prompt_tokens + lim.max_tokens
+        out: list[ResolvedSteering] = []
         for i, spec in enumerate(specs):
             where = f"steering[{i}]"
-            if abs(spec.coef) > self.limits.max_abs_coef:
-                raise SteeringError(f"{where}: |coef| {abs(spec.coef)} exceeds the limit "
-                                    f"{self.limits.max_abs_coef}")
+            if abs(spec.coef) > lim.max_abs_coef:
+                raise SteeringError(f"{where}: |coef| {abs(spec.coef):g} exceeds the limit "
+                                    f"{lim.max_abs_coef:g}")
+            if abs(spec.value) > lim.max_abs_value:
+                raise SteeringError(f"{where}: |value| {abs(spec.value):g} exceeds the limit "
+                                    f"{lim.max_abs_value:g}")
+            for what, x in (("coef", spec.coef), ("value", spec.value)):
+                if not _fits(x, dtype):
+                    raise SteeringError(f"{where}: {what}={x:g} is not finite in the model's "
+                                        f"dtype {dtype}")
+            if isinstance(spec.positions, int) and spec.positions >= context:
+                raise SteeringError(f"{where}: positions={spec.positions} is past the longest "
+                                    f"context this server runs ({context} tokens), so it would "
+                                    f"never apply")
             vec = self.registry.get(spec.vector)
             layers = tuple(spec.layers) if spec.layers is not None else tuple(vec.layers)
             missing = [L for L in layers if L not in vec.directions]
@@ -135,24 +158,41 @@ class Engine:
         return out
 
     # ---- API -------------------------------------------------------------------------------
+    def check_capacity(self) -> None:
+        """Raise the 429 :class:`ServeError` :meth:`submit` would raise if the queue is full
+        now (a cheap early refusal, before tokenizing)."""
+        if self._closed:
+            raise ServeError(503, "the server is shutting down", retry_after=5)
+        if self._queue.full():
+            self.stats["refused"] += 1
+            raise self._busy()
+
+    def _busy(self) -> ServeError:
+        return ServeError(429, f"the server is busy ({self.limits.max_queue} requests are "
+                          f"waiting); retry later", code="server_busy",
+                          retry_after=max(1, int(-(-self.limits.retry_after_s // 1))))
+
     def submit(self, prompt_ids: list[int], steering: Sequence[SteeringSpec],
                max_tokens: int, on_token: Callable[[int], None] | None = None,
-               temperature: float = 0.0, seed: int | None = None
-               ) -> concurrent.futures.Future:
-        """Queue one generation (greedy unless ``temperature`` > 0); the future resolves to a
-        :class:`GenerationResult`.
+               temperature: float = 0.0, seed: int | None = None,
+               stop: Sequence[str] = ()) -> Generation:
+        """Queue one generation (greedy unless ``temperature`` > 0); the returned
+        :class:`Generation` future resolves to a :class:`GenerationResult`, or fails with a
+        :class:`ServeError` if this request fails (deadline, non-finite output, ...); its
+        ``stop()`` ends the request's work.
 
         ``on_token(token_id)`` is called from the worker thread with each new token of this
         request as soon as it is generated (not the end-of-sequence token, nothing past
-        ``max_tokens``): it must be quick and must not raise. ``temperature`` > 0 samples
-        this request's row with a generator of its own, seeded with ``seed`` (random if None),
-        so the same seed gives the same text whatever else shares the batch.
+        ``max_tokens``): it must be quick. ``temperature`` > 0 samples this request's row with
+        a generator of its own, seeded with ``seed`` (random if None), so the same seed gives
+        the same text whatever else shares the batch. ``stop`` strings end the row as soon as
+        its text contains one (the caller cuts the text there).
 
         Validation errors (unknown vector, layer not in the vector, limits) raise here, before
-        anything is queued.
+        anything is queued; a full queue raises a 429 :class:`ServeError`.
         """
         if self._closed:
-            raise RuntimeError("the engine is shut down")
+            raise ServeError(503, "the server is shutting down", retry_after=5)
         if not prompt_ids:
             raise SteeringError("the prompt is empty")
         if len(prompt_ids) > self.limits.max_prompt_tokens:
@@ -161,23 +201,27 @@ class Engine:
         if not 1 <= max_tokens <= self.limits.max_tokens:
             raise SteeringError(f"max_tokens={max_tokens}; it must be between 1 and "
                                 f"{self.limits.max_tokens}")
+        if not math.isfinite(temperature) or temperature < 0:
+            raise SteeringError(f"temperature={temperature}; it must be >= 0")
         resolved = self.resolve(steering)
-        sampling = None
-        if temperature > 0:
-            gen = torch.Generator()
-            if seed is None:
-                gen.seed()
-            else:
-                gen.manual_seed(int(seed))
-            sampling = RowSampling(float(temperature), gen)
-        req = _Request(list(prompt_ids), resolved, int(max_tokens), on_token, sampling)
-        self._queue.put(req)
-        return req.future
+        job = Job(list(prompt_ids), resolved, int(max_tokens),
+                  deadline=time.monotonic() + self.limits.request_timeout_s,
+                  on_token=on_token, temperature=float(temperature),
+                  seed=secrets.randbits(63) if seed is None else int(seed), stop=tuple(stop))
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.stats["refused"] += 1
+            raise self._busy() from None
+        return job.future
 
     def shutdown(self, timeout: float | None = 5.0) -> None:
         """Stop the worker after the requests already queued."""
         self._closed = True
-        self._queue.put(None)
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
         self._thread.join(timeout)
 
     # ---- worker ----------------------------------------------------------------------------
@@ -186,6 +230,8 @@ class Engine:
             first = self._queue.get()
             if first is None:
                 return
+            if not self._admit(first):
+                continue
             batch = [first]
             deadline = time.monotonic() + self.limits.batch_window_s
             stop = False
@@ -200,70 +246,96 @@ class Engine:
                 if item is None:
                     stop = True
                     break
-                batch.append(item)
-            live = [r for r in batch if r.future.set_running_or_notify_cancel()]
-            for order, group in _split_by_order(live):
-                self._run(order, group)
+                if self._admit(item):
+                    batch.append(item)
+            for order, group in _split_by_order(batch):
+                try:
+                    self._run(order, group)
+                except Exception as exc:  # a bug outside generation: fail the group, not the worker
+                    for job in group:
+                        self._fail_with(job, exc)
             if stop:
                 return
 
-    def _run(self, order: list[Hashable], batch: list[_Request]) -> None:
-        """Generate ``batch`` in one pass, its steering entries applied in ``order``."""
+    def _admit(self, job: Job) -> bool:
+        """Start ``job`` unless it was stopped while queued or its deadline has passed."""
+        if not job.future.set_running_or_notify_cancel():
+            self.stats["cancelled"] += 1
+            return False
+        if time.monotonic() > job.deadline:
+            self._fail(job, ServeError(504, f"the request waited in the queue past its "
+                                            f"deadline ({self.limits.request_timeout_s:g} s); "
+                                            f"retry later"), "timed_out")
+            return False
+        return True
+
+    def _fail(self, job: Job, error: ServeError, counter: str) -> None:
+        if not job.future.done():
+            job.future.set_exception(error)
+            self.stats[counter] += 1
+
+    def _fail_with(self, job: Job, exc: Exception) -> None:
+        """Fail ``job`` alone with ``exc``: its own fault (a 400) or a server bug (a 500, logged
+        with the traceback)."""
+        if isinstance(exc, ServeError):
+            self._fail(job, exc, "failed")
+        elif isinstance(exc, SteeringError):
+            self._fail(job, ServeError(400, f"steering failed: {safe_text(str(exc))}",
+                                       param="steering"), "failed")
+        else:
+            ref = secrets.token_hex(4)
+            log.error("generation failed (ref %s)", ref, exc_info=exc)
+            detail = safe_text(f"{type(exc).__name__}: {exc}")[:300]
+            self._fail(job, ServeError(500, f"generation failed: {detail} (a server error, "
+                                            f"logged as ref {ref})"), "failed")
+
+    def _eos_ids(self) -> set[int]:
+        return eos_token_ids(self.model)
+
+    def _tracker(self, jobs: Sequence[Job]) -> RowTracker:
+        return RowTracker(jobs, self.model.tokenizer, self._eos_ids(), self._fail,
+                          self.limits.request_timeout_s)
+
+    def _run(self, order: list[Hashable], batch: list[Job]) -> None:
+        """Generate ``batch`` (its steering entries applied in ``order``); if that raises, retry
+        each half of it, so only the row that fails alone gets the error."""
+        live = [job for job in batch if not job.future.done()]
+        if not live:
+            return
         try:
-            entries = {s.key: s for req in batch for s in req.steering}
-            ivs = []
-            for key in order:
-                entry = entries[key]
-                coef = torch.zeros(len(batch))
-                for j, req in enumerate(batch):
-                    for s in req.steering:
-                        if s.key == key:
-                            coef[j] = s.coef
-                ivs.append(Intervention(entry.vector, coef=coef, layers=list(entry.layers),
-                                        positions=entry.positions, op=entry.op,  # type: ignore
-                                        value=entry.value))
-            longest = max(r.max_tokens for r in batch)
-            with steer(self.model, ivs) if ivs else contextlib.nullcontext():
-                sampling = [r.sampling for r in batch]
-                rows = generate_ids(self.model, [r.prompt_ids for r in batch], longest,
-                                    on_step=_streamer(self.model, batch),
-                                    row_sampling=sampling if any(sampling) else None)
-            self.batches_run += 1
-            for req, row in zip(batch, rows):
-                tokens = row[:req.max_tokens]
-                reason = "length" if len(tokens) >= req.max_tokens else "stop"
-                req.future.set_result(GenerationResult(tokens, len(req.prompt_ids), reason))
-        except Exception as exc:  # fail this batch, keep the worker alive
-            for req in batch:
-                if not req.future.done():
-                    req.future.set_exception(
-                        RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+            self._generate(order, live)
+        except Exception as exc:
+            if len(live) == 1:
+                self._fail_with(live[0], exc)
+                return
+            self.stats["retries"] += 1
+            half = len(live) // 2
+            for part in (live[:half], live[half:]):
+                keys = {s.key for job in part for s in job.steering}
+                self._run([k for k in order if k in keys], part)
 
-
-def _streamer(model: Model, batch: Sequence[_Request]) -> Callable[[torch.Tensor], None] | None:
-    """The per-step callback that hands each row's new token to its request's ``on_token``,
-    up to its own ``max_tokens`` and not past its end-of-sequence token."""
-    if not any(r.on_token for r in batch):
-        return None
-    eos_ids = eos_token_ids(model)
-    sent = [0] * len(batch)
-    done = [False] * len(batch)
-
-    def on_step(tokens: torch.Tensor) -> None:
-        for j, tok in enumerate(tokens.tolist()):
-            req = batch[j]
-            if done[j] or req.on_token is None:
-                continue
-            if tok in eos_ids or sent[j] >= req.max_tokens:
-                done[j] = True
-                continue
-            sent[j] += 1
-            try:
-                req.on_token(tok)
-            except Exception:  # a broken listener must not fail the other rows of the batch
-                done[j] = True
-
-    return on_step
+    def _generate(self, order: list[Hashable], batch: list[Job]) -> None:
+        entries = {s.key: s for job in batch for s in job.steering}
+        ivs = []
+        for key in order:
+            entry = entries[key]
+            coef = torch.zeros(len(batch))
+            for j, job in enumerate(batch):
+                for s in job.steering:
+                    if s.key == key:
+                        coef[j] = s.coef
+            ivs.append(Intervention(entry.vector, coef=coef, layers=list(entry.layers),
+                                    positions=entry.positions, op=entry.op,  # type: ignore
+                                    value=entry.value))
+        rows = self._tracker(batch)
+        sampling = [job.sampling() for job in batch]
+        self.batches_run += 1
+        with steer(self.model, ivs) if ivs else contextlib.nullcontext():
+            generate_ids(self.model, [job.prompt_ids for job in batch],
+                         max(job.max_tokens for job in batch), on_step=rows.on_step,
+                         row_sampling=sampling if any(s is not None for s in sampling)
+                         else None, row_stop=rows.row_stop)
+        rows.finish_all()
 
 
 def _insert_row(order: list[Hashable], row: list[Hashable]) -> bool:
@@ -286,19 +358,23 @@ def _insert_row(order: list[Hashable], row: list[Hashable]) -> bool:
     return True
 
 
-def _split_by_order(batch: list[_Request]) -> list[tuple[list[Hashable], list[_Request]]]:
+def _split_by_order(batch: list[Job]) -> list[tuple[list[Hashable], list[Job]]]:
     """Group requests so each group's interventions can be applied in one order that respects
     every row's order (almost always a single group); returns ``(order, members)`` pairs."""
-    groups: list[tuple[list[Hashable], list[_Request]]] = []
-    for req in batch:
-        keys = [s.key for s in req.steering]
+    groups: list[tuple[list[Hashable], list[Job]]] = []
+    for job in batch:
+        keys = [s.key for s in job.steering]
         for order, members in groups:
             if _insert_row(order, keys):
-                members.append(req)
+                members.append(job)
                 break
         else:
-            groups.append((list(keys), [req]))  # resolve() refused repeated entries
+            groups.append((list(keys), [job]))  # resolve() refused repeated entries
     return groups
+
+
+class _Ended(Exception):
+    """Raised from the token listener to end a llama.cpp generation early."""
 
 
 class LlamaCppEngine(Engine):
@@ -306,7 +382,9 @@ class LlamaCppEngine(Engine):
 
     llama.cpp holds one control vector per context, so requests run one at a time, each with
     its own control vector installed (isolation by construction); only ``op: add`` entries on
-    layers >= 1 are accepted, and anything else is refused at submit time with a 400.
+    layers >= 1 are accepted, and anything else is refused at submit time with a 400. The same
+    limits hold: the bounded queue, deadlines, stop strings and client disconnects end a
+    request between two tokens.
     """
 
     def resolve(self, specs: Sequence[SteeringSpec]) -> list[ResolvedSteering]:
@@ -314,41 +392,35 @@ class LlamaCppEngine(Engine):
         self.model.check(_control_terms(resolved))  # type: ignore[attr-defined]
         return resolved
 
-    def _run(self, order: list[Hashable], batch: list[_Request]) -> None:
-        for req in batch:
+    def _eos_ids(self) -> set[int]:
+        return set(self.model.eos_ids)  # type: ignore[attr-defined]
+
+    def _run(self, order: list[Hashable], batch: list[Job]) -> None:
+        for job in batch:
+            if job.future.done():
+                continue
+            rows = self._tracker([job])
+            every = torch.ones(1, dtype=torch.bool)
+
+            def on_token(tok: int, rows: RowTracker = rows, every: torch.Tensor = every) -> None:
+                rows.on_step(torch.tensor([tok]))
+                if bool(rows.row_stop(every)[0]):
+                    raise _Ended
+
+            self.batches_run += 1
             try:
-                tokens = self.model.generate(  # type: ignore[attr-defined]
-                    req.prompt_ids, req.max_tokens, _control_terms(req.steering),
-                    sampling=req.sampling, on_token=_safe(req.on_token))
-                self.batches_run += 1
-                reason = "length" if len(tokens) >= req.max_tokens else "stop"
-                req.future.set_result(GenerationResult(tokens, len(req.prompt_ids), reason))
+                self.model.generate(  # type: ignore[attr-defined]
+                    job.prompt_ids, job.max_tokens, _control_terms(job.steering),
+                    sampling=job.sampling(), on_token=on_token)
+            except _Ended:
+                pass
             except Exception as exc:  # fail this request, keep the worker alive
-                if not req.future.done():
-                    req.future.set_exception(
-                        RuntimeError(f"generation failed: {type(exc).__name__}: {exc}"))
+                self._fail_with(job, exc)
+                continue
+            rows.finish_all()
 
 
 def _control_terms(steering: Sequence[ResolvedSteering]) -> list[ControlTerm]:
     from avec.backends.llamacpp import ControlTerm
 
     return [ControlTerm(s.vector, s.coef, s.layers, s.positions, s.op) for s in steering]
-
-
-def _safe(listener: Callable[[int], None] | None) -> Callable[[int], None] | None:
-    """``listener`` that stops being called after it raises once (a broken stream must not
-    fail the generation)."""
-    if listener is None:
-        return None
-    broken = False
-
-    def call(tok: int) -> None:
-        nonlocal broken
-        if broken:
-            return
-        try:
-            listener(tok)
-        except Exception:
-            broken = True
-
-    return call
