@@ -139,6 +139,14 @@ def test_positions_switch_the_control_vector(lcpp, ocean):
     assert gen[0] == free[0] and gen != free  # first token from the unsteered prompt pass
 
 
+def test_non_finite_outputs_raise_instead_of_garbage(lcpp, ocean):
+    ids = format_prompt(lcpp, PROMPTS[1])[0]
+    huge = SteeringVector({LAYER: ocean.directions[LAYER] * 1e30})
+    with pytest.raises(SteeringError, match="NaN or infinite"):
+        lcpp.generate(ids, 4, [ControlTerm(huge, 1e9)])
+    assert lcpp.generate(ids, 4) == lcpp.generate(ids, 4)  # the model is unharmed
+
+
 def test_sampling_is_seeded(lcpp):
     from avec.generation import RowSampling
 

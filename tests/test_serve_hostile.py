@@ -430,6 +430,26 @@ def test_idle_connections_are_closed(slow):
         assert httpx.get(f"{url}/v1/models", timeout=10).status_code == 200
 
 
+def test_a_trickled_body_is_cut_off(slow):
+    _engine, app, _calls = slow
+    with live(app, idle_timeout_s=30, body_timeout_s=1) as url:
+        port = int(url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(15)
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError):  # the rest of the body, far too slowly
+                for _ in range(40):
+                    sock.sendall(b" ")
+                    time.sleep(0.25)
+            with contextlib.suppress(ConnectionResetError):
+                assert sock.recv(100) == b""  # closed without an answer
+            assert time.monotonic() - t0 < 10.0  # the idle timeout (30 s) did not do it
+        r = httpx.post(f"{url}{URL}", json=body("hi", max_tokens=2), timeout=30)
+        assert r.status_code == 200  # a request sent at once is served
+
+
 def test_vector_store_caps(tiny_llama, tmp_path):
     engine = Engine(tiny_llama, make_registry(tiny_llama),
                     Limits(max_vectors=3, max_store_bytes=700))  # v0, v1: 512 bytes

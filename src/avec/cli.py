@@ -284,6 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--idle-timeout", type=count_arg, default=5, metavar="S",
                    help="close a connection that sends no complete request for S seconds "
                         "(default 5)")
+    p.add_argument("--body-timeout", type=finite_float, default=60.0, metavar="S",
+                   help="close a connection whose request body is not complete S seconds "
+                        "after its headers (default 60)")
     p.add_argument("--max-connections", type=count_arg, default=256,
                    help="open connections beyond which uvicorn answers 503 (default 256)")
 
@@ -750,6 +753,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         uvicorn.Server(uvicorn_config(app, host=args.host, port=args.port,
                                       idle_timeout_s=args.idle_timeout,
+                                      body_timeout_s=args.body_timeout,
                                       max_connections=args.max_connections)).run()
     finally:
         engine.shutdown()

@@ -294,7 +294,7 @@ class LlamaCppModel(TextModel):
                  on_token: Callable[[int], None] | None = None) -> list[int]:
         """New tokens after ``prompt_ids`` (greedy, or drawn with ``sampling``), cut at the
         first end-of-sequence token. ``on_token`` sees each new token as it is chosen (not the
-        end-of-sequence one)."""
+        end-of-sequence one). Raises :class:`SteeringError` if the logits turn non-finite."""
         self.check(terms)
         prompt = list(prompt_ids)
         if not prompt:
@@ -310,6 +310,9 @@ class LlamaCppModel(TextModel):
         out: list[int] = []
         for step in range(max_new_tokens):
             scores = torch.from_numpy(logits).unsqueeze(0)
+            if not bool(torch.isfinite(scores).all()):
+                raise SteeringError(f"the model's outputs became NaN or infinite at new token "
+                                    f"{step}; the steering is too strong (lower the coef)")
             if step < min_new_tokens and eos:
                 scores[:, eos] = -float("inf")
             tok = int(choose_next(scores, [sampling] if sampling is not None else None)[0])
