@@ -21,7 +21,7 @@ AVEC_WHEELS ?= $(HOME)/.cache/avec/wheels
 LLAMA_WHEEL_DIR := $(AVEC_WHEELS)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
 
-.PHONY: demo test setup bench clean browser llama llama-clean refusal maze
+.PHONY: demo test setup bench clean browser llama llama-clean refusal maze docs
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -74,7 +74,14 @@ browser:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } \
 	  || echo "WARNING: could not install chromium; run 'sudo apt-get install -y chromium', then 'make test'"
 
-test: $(STAMP) $(LLAMA_STAMP) browser
+# the docs site (mkdocs.yml, docs/) into site/, offline; --strict makes every warning (a broken
+# link or anchor, a page missing from the nav, an API name that does not resolve) an error.
+# Not -q: mkdocs 1.6 then hides the warnings from --strict and exits 0; the log is shown on failure.
+docs: $(STAMP)
+	@$(VENV)/bin/mkdocs build --strict -d site > $(VENV)/mkdocs.log 2>&1 \
+	  || { cat $(VENV)/mkdocs.log; echo "docs build failed (mkdocs --strict)"; exit 1; }
+
+test: $(STAMP) $(LLAMA_STAMP) browser docs
 	$(PY) -m pytest -q
 
 bench: $(STAMP) $(LLAMA_STAMP)
@@ -97,4 +104,4 @@ maze: $(STAMP)
 	$(VENV)/bin/avec maze retarget -o $(MAZE_OUT)
 
 clean:
-	rm -rf $(VENV) build *.egg-info src/*.egg-info
+	rm -rf $(VENV) build site *.egg-info src/*.egg-info

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The method comparisons reported in the README (default model, CPU, about 110 min in all).
+# The method comparisons reported in docs/studies/method-comparison.md (default model, CPU, about 110 min in all).
 # ONLY="ocean fire tone sycophancy refusal heldout" picks a subset; extra arguments go to every run.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 """Markdown tables (method x pairs: mean ± sd over seeds, and the KL at the chosen coefficient)
-from `avec compare` results, as pasted into the README.
+from `avec compare` results, as pasted into docs/studies/method-comparison.md.
 
     .venv/bin/python experiments/compare_tables.py experiments/results/compare/*/results.json
 """

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The SAE study reported in the README, on the default model at layer 10:
+# The SAE study reported in docs/studies/sae.md, on the default model at layer 10:
 #   1. an SAE trained on the AxBench concept10 texts (the concepts' own corpus), and one trained
 #      on text the model wrote itself for 512 Alpaca instructions (no concept data);
 #   2. SAE features (decoder row added: `sae`; latent clamped in the SAE: `sae_clamp`) vs mean

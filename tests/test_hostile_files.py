@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 from avec.errors import VectorFileError
 from avec.interop.gguf_check import GGUFLimits, check_gguf
-from avec.interop.gguf_control import read_gguf_control_vector, write_gguf_control_vector
+from avec.interop import read_gguf_control_vector, write_gguf_control_vector
 from avec.safetensors_check import DTYPE_BITS, check_safetensors
 from avec.vector import SteeringVector, load_vector
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from avec import cli_discover, cli_maze, cli_refusal, cli_sae
+from avec.cli_common import emit_json as _emit_json
+from avec.cli_common import load_model_for as _load
+from avec.cli_common import log as _log
 from avec._version import __version__
 from avec.cli_args import (check_text_args, count_arg, finite_float, int_arg, output_dir,
                            output_file, seed_arg, steer_positions)
@@ -304,31 +307,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"where to save the vector (default {DEFAULT_DEMO_OUTPUT})")
     _add_model_args(p)
     return parser
-
-
-def _load(args: argparse.Namespace) -> Any:
-    from avec.models import load_model
-
-    t0 = time.perf_counter()
-    if getattr(args, "backend", "hf") == "llama.cpp":
-        from avec.backends.llamacpp import LlamaCppModel
-
-        if args.block_path:
-            raise ValueError("--block-path applies to the hf backend only")
-        model = LlamaCppModel.load(args.model)
-    else:
-        model = load_model(args.model, block_path=args.block_path)
-    _log(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) "
-               f"in {time.perf_counter() - t0:.1f} s")
-    return model
-
-
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr)
-
-
-def _emit_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, ensure_ascii=False))
 
 
 def cmd_extract(args: argparse.Namespace) -> int:

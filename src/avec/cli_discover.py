@@ -108,7 +108,7 @@ def _earlier_run(args: argparse.Namespace) -> tuple[Any, list[str], list[str], A
 
 
 def _train(args: argparse.Namespace, model: Any, prompts: list[str]) -> Any:
-    from avec.cli import _log
+    from avec.cli_common import log as _log
     from avec.discover.melbo import MelboConfig, MelboTrainer
 
     config = MelboConfig(source_layer=args.source_layer, target_layer=args.target_layer,
@@ -124,7 +124,7 @@ def _train(args: argparse.Namespace, model: Any, prompts: list[str]) -> Any:
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    from avec.cli import _load
+    from avec.cli_common import load_model_for as _load
     from avec.discover.report import parse_behaviour, summarize, write_run
 
     behaviours = [parse_behaviour(b) for b in args.behaviour]

@@ -133,7 +133,7 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from avec.cli import _load as load
+    from avec.cli_common import load_model_for as load
 
     return load(args)
 

@@ -125,7 +125,7 @@ def _sae_args(q: argparse.ArgumentParser) -> None:
 
 def _load_sae_and_model(args: argparse.Namespace) -> tuple[Any, Any, int, bool]:
     """``(sae, model, layer, check_site)``; warns when the SAE names another model."""
-    from avec.cli import _load, _log
+    from avec.cli_common import load_model_for as _load, log as _log
     from avec.sae import SAEError, load_sae
 
     sae = load_sae(args.sae)
@@ -174,7 +174,7 @@ def _tqdm_progress() -> tuple[Callable[[int, int, float], None], Callable[[], No
 
 def cmd_train(args: argparse.Namespace) -> int:
     from avec._version import __version__
-    from avec.cli import _emit_json, _load, _log
+    from avec.cli_common import emit_json as _emit_json, load_model_for as _load, log as _log
     from avec.sae import SAEError, SAETrainConfig, sae_metrics, save_sae, train_sae
     from avec.sae.corpus import (collect_activations, load_texts, sample_corpus,
                                  template_skips)
@@ -282,7 +282,7 @@ _RANKED_BY = {"difference": "mean_positive - mean_negative",
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from avec.cli import _emit_json
+    from avec.cli_common import emit_json as _emit_json
     from avec.data import load_pairs, pair_texts
     from avec.evaluate.top_examples import render_html
     from avec.sae.corpus import load_texts
@@ -336,7 +336,7 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from avec.cli import _emit_json
+    from avec.cli_common import emit_json as _emit_json
     from avec.generation import variant_completions
     from avec.sae import steer_features
 

@@ -248,11 +248,23 @@ def load_vector(path: str | Path, model: Any = None) -> SteeringVector:
     with ``model``, also check it fits that model."""
     width = model.d_model if model is not None else None
     if Path(path).suffix.lower() == ".gguf":
-        from avec.interop.gguf_control import read_gguf_control_vector
-
         vec = read_gguf_control_vector(path, expected_width=width)
     else:
         vec = SteeringVector.load(path, expected_width=width)
     if model is not None:
         vec.check_model(model)
     return vec
+
+
+def read_gguf_control_vector(path: str | Path, *,
+                             expected_width: int | None = None) -> SteeringVector:
+    """Read a llama.cpp / repeng control-vector GGUF file as a :class:`SteeringVector`
+    (the format is parsed by :func:`avec.interop.gguf_control.read_gguf_control`)."""
+    from avec.interop.gguf_control import read_gguf_control
+
+    directions, meta = read_gguf_control(path)
+    out = SteeringVector(directions, meta)
+    if expected_width is not None and out.width != expected_width:
+        raise VectorFileError(f"{path}: control vector width {out.width} does not match the "
+                              f"model width {expected_width}")
+    return out

@@ -122,7 +122,7 @@ def _scaled(direction: torch.Tensor, norm: float) -> torch.Tensor:
 
 def default_layer(model: Model) -> int:
     """A third of the depth (block 10 of 30 on the default model, where mean-difference concept
-    vectors from synthetic pairs steered best in a layer scan; see the README)."""
+    vectors from synthetic pairs steered best in a layer scan; see docs/studies/method-comparison.md)."""
     return model.n_layers // 3
 
 

@@ -14,15 +14,17 @@ header (:mod:`avec.interop.gguf_check`); nothing is unpickled.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from avec.errors import VectorFileError
 from avec.interop.gguf_check import check_gguf
-from avec.vector import SteeringVector
 from avec.vector_checks import directions_from
+
+if TYPE_CHECKING:  # the vector type lives above this reader: avec.vector builds it
+    from avec.vector import SteeringVector
 
 ARCH = "controlvector"
 TENSOR_PREFIX = "direction."
@@ -38,9 +40,9 @@ def _field_str(reader: Any, key: str) -> str | None:
     return bytes(field.parts[field.data[0]]).decode("utf-8", errors="replace")
 
 
-def read_gguf_control_vector(path: str | Path, *,
-                             expected_width: int | None = None) -> SteeringVector:
-    """Read a llama.cpp / repeng control-vector GGUF file as a :class:`SteeringVector`.
+def read_gguf_control(path: str | Path) -> tuple[dict[int, torch.Tensor], dict[str, Any]]:
+    """Read a llama.cpp / repeng control-vector GGUF file as ``(directions, metadata)``;
+    :func:`avec.vector.read_gguf_control_vector` builds the :class:`SteeringVector`.
 
     The header is walked with bounds first (:func:`avec.interop.gguf_check.check_gguf`), so a
     file that declares more than it holds is refused before ``GGUFReader`` allocates anything;
@@ -76,11 +78,7 @@ def read_gguf_control_vector(path: str | Path, *,
     directions = directions_from(path, raw, TENSOR_PREFIX)
     meta = {"method": "imported", "source_format": "gguf control vector",
             "source_file": path.name, "model_hint": _field_str(reader, f"{ARCH}.model_hint")}
-    out = SteeringVector(directions, meta)
-    if expected_width is not None and out.width != expected_width:
-        raise VectorFileError(f"{path}: control vector width {out.width} does not match the "
-                              f"model width {expected_width}")
-    return out
+    return directions, meta
 
 
 def write_gguf_control_vector(vector: SteeringVector, path: str | Path, *,
