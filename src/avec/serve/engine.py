@@ -46,7 +46,7 @@ from avec.generation import generate_ids
 from avec.models.model import Model, eos_token_ids
 from avec.serve.errors import ServeError, safe_text
 from avec.serve.limits import Limits
-from avec.serve.registry import VectorRegistry
+from avec.serve.registry import VectorRegistry, working_dtype
 from avec.serve.rows import Generation, GenerationResult, Job, RowTracker
 from avec.serve.schemas import SteeringSpec
 from avec.steer import Intervention, steer
@@ -114,9 +114,7 @@ class Engine:
         if len(specs) > lim.max_steering:
             raise SteeringError(f"{len(specs)} steering entries; at most {lim.max_steering} "
                                 f"are allowed per request")
-        dtype = getattr(self.model, "dtype", torch.float32)
-        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-            dtype = torch.float32
+        dtype = working_dtype(self.model)
         context = lim.max_prompt_tokens + lim.max_tokens
         out: list[ResolvedSteering] = []
         for i, spec in enumerate(specs):

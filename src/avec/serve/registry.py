@@ -213,13 +213,20 @@ def vector_bytes(vec: SteeringVector) -> int:
     return sum(t.numel() * t.element_size() for t in vec.directions.values())
 
 
+def working_dtype(model: Any) -> torch.dtype:
+    """The floating-point dtype steering arithmetic runs in on ``model`` (float32 for a model
+    that has none, e.g. llama.cpp's)."""
+    dtype = getattr(model, "dtype", torch.float32)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        return torch.float32
+    return dtype
+
+
 def check_servable(vec: SteeringVector, model: Any) -> None:
     """Raise :class:`RegistryError` unless every direction of ``vec`` can be steered with on
     ``model`` without bringing inf or NaN into a batch: ``[d]`` or ``[T, d]`` (T >= 1),
     floating point, finite and with a finite norm once cast to the model's dtype."""
-    dtype = getattr(model, "dtype", torch.float32)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        dtype = torch.float32
+    dtype = working_dtype(model)
     for layer, direction in vec.directions.items():
         where = f"layer {layer}"
         shape = tuple(direction.shape)
