@@ -53,7 +53,7 @@ $(LLAMA_STAMP): $(STAMP) constraints.txt
 	$(PIP) install -q --force-reinstall --no-deps $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl
 	$(PIP) install -q -c constraints.txt $(LLAMA_WHEEL_DIR)/llama_cpp_python-*.whl
 	rm -f $(VENV)/.llama-*
-	-$(PY) -m avec.backends.llamacpp_probe
+	-$(PY) -m avec.generation.llamacpp_probe
 	touch $(LLAMA_STAMP)
 
 llama: $(LLAMA_STAMP)
@@ -95,7 +95,7 @@ refusal: $(STAMP)
 	$(VENV)/bin/avec refusal reproduce -o experiments/results/refusal
 
 # the maze-policy steering study (cheese vector, top-right vector, retargeting) on the shipped
-# policy; `avec maze train -o src/avec/maze/policy.safetensors` reproduces the policy itself
+# policy; `avec maze train -o src/avec/studies/maze/policy.safetensors` reproduces the policy itself
 MAZE_OUT := experiments/results/maze
 maze: $(STAMP)
 	$(VENV)/bin/avec maze eval -o $(MAZE_OUT)

@@ -22,7 +22,7 @@ from typing import Callable
 import torch
 
 import avec
-from avec.activations import pad_batch
+from avec.directions.activations import pad_batch
 from avec.data import load_ab_pairs, pair_texts
 from avec.data.demo import DEMO_PAIRS
 
@@ -103,7 +103,7 @@ def bench_sweeps(model: avec.Model, reps: int) -> list[dict[str, object]]:
     from avec.data.demo import CONCEPT_PROMPTS, NEUTRAL_PROMPTS
     from avec.evaluate.ab import ab_sweep, load_ab_items
     from avec.evaluate.side_effects import kl_divergence
-    from avec.generation import steered_completions
+    from avec.generation.hf import steered_completions
 
     items = load_ab_items(DATA / "caa" / "refusal" / "test_dataset_ab.json")
     pairs = load_ab_pairs(DATA / "caa" / "refusal" / "generate_dataset.json")[:64]

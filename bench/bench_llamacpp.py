@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 import avec
-from avec.backends.llamacpp import ControlTerm, LlamaCppModel
+from avec.generation.llamacpp import ControlTerm, LlamaCppModel
 from avec.data.demo import CONCEPT_PROMPTS, DEMO_PAIRS
-from avec.generation import format_prompt, generate_ids
+from avec.generation.hf import format_prompt, generate_ids
 from avec.vector import SteeringVector
 
 OUT = Path(__file__).resolve().parent / "results" / "llamacpp.json"

@@ -32,7 +32,7 @@ import torch
 import avec
 from avec.data.demo import CONCEPT_PROMPTS
 from avec.evaluate.ab import letter_token, load_ab_items, split_prompt
-from avec.generation import format_prompt
+from avec.generation.hf import format_prompt
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -20,7 +20,7 @@ import torch
 
 import avec
 from avec.data.demo import CONCEPT_PROMPTS, DEMO_PAIRS
-from avec.generation import format_prompt
+from avec.generation.hf import format_prompt
 from avec.serve import Engine, Limits, VectorRegistry
 from avec.serve.schemas import SteeringSpec
 

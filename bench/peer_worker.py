@@ -266,14 +266,14 @@ class AvecLib:
         return self.avec.SteeringVector({L: tensors[L] for L in layers})
 
     def generate_plain(self, rows: list[list[int]], new_tokens: int) -> list[list[int]]:
-        from avec.generation import generate_ids
+        from avec.generation.hf import generate_ids
 
         return generate_ids(self.model, rows, new_tokens, min_new_tokens=new_tokens)
 
     def generate(self, rows: list[list[int]], tensors: dict[int, torch.Tensor],
                  layers: list[int], coef: float | list[float], new_tokens: int
                  ) -> list[list[int]]:
-        from avec.generation import generate_ids
+        from avec.generation.hf import generate_ids
 
         with self.avec.steer(self.model, self._vector(tensors, layers), coef=coef):
             return generate_ids(self.model, rows, new_tokens, min_new_tokens=new_tokens)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from avec.ablation import ablate_direction, projection, residual_writers
+from avec.intervene.ablation import ablate_direction, projection, residual_writers
 from avec.errors import SteeringError, UnsupportedArchitectureError
 from avec.models import Model
-from avec.orthogonalize import METADATA_FILE, orthogonalize_weights, save_orthogonalized
+from avec.intervene.orthogonalize import METADATA_FILE, orthogonalize_weights, save_orthogonalized
 from conftest import make_tiny, tiny_config
 
 FOLDABLE = ["llama", "llama_tied", "qwen2", "phi3", "phi1", "gpt2", "gpt_neox",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avec.activations import ab_letter_index, read_activations
+from avec.directions.activations import ab_letter_index, read_activations
 
 TEXTS = ["The quick brown fox", "hi", "A somewhat longer sentence about nothing much.", "ok then"]
 

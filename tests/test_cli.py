@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from avec.cli import build_parser, main
+from avec.cli.main import build_parser, main
 from avec.data import ContrastPair, save_jsonl_pairs
 from avec.vector import SteeringVector
 
@@ -146,7 +146,7 @@ def test_compare_command(capsys, tmp_path, model_dir):
 def test_compare_concept_only_makes_a_synthetic_pool(capsys, tmp_path, model_dir, monkeypatch):
     """`avec compare --concept X` alone: the model writes the pool, which is saved and recorded,
     and the built-in everyday prompts are generated from at the default layer."""
-    import avec.data.synthetic as synthetic
+    import avec.generation.synthetic as synthetic
     from avec.data.demo import CONCEPT_PROMPTS
 
     calls = []

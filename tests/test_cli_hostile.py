@@ -13,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from avec.cli import describe_failure, main
+from avec.cli.main import describe_failure, main
 from avec.data import ContrastPair, save_jsonl_pairs
 from avec.errors import SteeringError
-from avec.steer import parse_positions
+from avec.intervene.steer import parse_positions
 
 
 CONTEXT = 256  # max_position_embeddings of the tiny test models
@@ -244,7 +244,7 @@ def test_parse_positions_refuses_bools_ranges_and_junk():
 
 def test_layer_specs_and_scalar_values_are_bounded(tmp_path):
     from avec.evaluate.sweep import parse_layers
-    from avec.steer import Intervention
+    from avec.intervene.steer import Intervention
     from avec.vector import SteeringVector
 
     assert parse_layers("4-10:3,14") == [4, 7, 10, 14]
@@ -278,7 +278,7 @@ def test_real_entry_point_prints_no_traceback(tmp_path):
     nested = tmp_path / "nested.safetensors"
     save_file({"layer.1": torch.ones(2)}, str(nested), metadata={"avec": "[" * 200_000})
     for target in (path, nested):
-        proc = subprocess.run([sys.executable, "-m", "avec.cli", "info", str(target)],
+        proc = subprocess.run([sys.executable, "-m", "avec.cli.main", "info", str(target)],
                               capture_output=True, text=True, timeout=120,
                               env={**os.environ, "AVEC_DEBUG": ""})
         assert proc.returncode == 2, proc.stderr

@@ -9,7 +9,7 @@ import torch
 
 from avec.data import ContrastPair
 from avec.evaluate.ab import ABItem
-from avec.evaluate.compare import CompareSettings, Task, _subset, compare, write_outputs
+from avec.studies.compare.run import CompareSettings, Task, _subset, compare, write_outputs
 
 PAIRS = [ContrastPair(f"I love thing {i}!", f"I hate thing {i}.") for i in range(10)]
 ITEMS = [ABItem("Good?\n(A) yes\n(B) no", "A", "B"), ABItem("Bad?\n(A) yes\n(B) no", "B", "A")]
@@ -43,7 +43,7 @@ def test_compare_ab_protocol(tiny_llama, tmp_path):
 
 
 def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
-    import avec.evaluate.compare as cmp
+    import avec.studies.compare.run as cmp
 
     seen = []
     real = cmp._effects
@@ -65,7 +65,7 @@ def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
 
 
 def test_results_round_trip(tiny_llama, tmp_path):
-    from avec.evaluate.compare import load_result
+    from avec.studies.compare.run import load_result
 
     settings = CompareSettings(layer=1, methods=("mean_diff",), n_pairs=(2,), seeds=1,
                                coefs=(1.0,))
@@ -88,8 +88,8 @@ def test_concept_report_shows_completions(tiny_llama, tmp_path):
 
 
 def test_sae_feature_rows_pick_the_separating_latent(tiny_llama, tmp_path):
-    from avec.activations import read_activations
-    from avec.methods.sae_feature import SAEFeature
+    from avec.directions.activations import read_activations
+    from avec.sae.feature import SAEFeature
     from avec.sae import SAEConfig, SparseAutoencoder, save_sae
 
     sae = SparseAutoencoder(SAEConfig(d_in=tiny_llama.d_model, d_sae=64, k=8, hook_layer=2))
@@ -157,7 +157,7 @@ def test_sae_clamp_rows_clamp_inside_the_sae(tiny_llama, tmp_path):
 
 
 def test_report_states_the_sae_cost():
-    from avec.evaluate.compare import _sae_html
+    from avec.studies.compare.run import _sae_html
 
     assert _sae_html({}) == ""
     page = _sae_html({"sae": {"path": "/x/sae", "d_sae": 4096, "k": 32, "select": "selective",

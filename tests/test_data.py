@@ -126,7 +126,7 @@ def test_demo_pairs_are_valid():
 
 
 def test_synthetic_cleaning():
-    from avec.data.synthetic import acceptable, first_sentence
+    from avec.generation.synthetic import acceptable, first_sentence
 
     assert first_sentence('"The sea is wide." And more text.') == "The sea is wide."
     assert first_sentence("no end here") == "no end here"
@@ -139,7 +139,7 @@ def test_synthetic_cleaning():
 
 def test_sentence_end_stops_a_row_after_its_first_sentence(tiny_llama):
     """The stopping criterion of synthetic pair generation: an end mark then white space."""
-    from avec.data.synthetic import SentenceEnd
+    from avec.generation.synthetic import SentenceEnd
 
     tok = tiny_llama.tokenizer
     prompt = tok("Q:", add_special_tokens=False)["input_ids"]
@@ -153,7 +153,7 @@ def test_sentence_end_stops_a_row_after_its_first_sentence(tiny_llama):
 
 def test_generate_pairs_is_seeded(tiny_llama, monkeypatch):
     """Same seed, same pairs; another seed, other pairs (filtering relaxed: a random model)."""
-    import avec.data.synthetic as synthetic
+    import avec.generation.synthetic as synthetic
 
     monkeypatch.setattr(synthetic, "acceptable", lambda sentence: bool(sentence))
     run = lambda seed: [g.pair for g in synthetic.generate_pairs(  # noqa: E731

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from avec.cli import main
+from avec.cli.main import main
 from avec.discover.melbo import (MelboConfig, MelboTrainer, default_layers, target_mask,
                                  train_melbo)
 from avec.discover.report import (Behaviour, answer_accuracy, arithmetic_prompts, cluster,

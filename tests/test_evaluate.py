@@ -14,8 +14,8 @@ from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
 from avec.evaluate.side_effects import (kl_divergence, logit_difference, perplexity,
                                         reference_logprobs)
 from avec.evaluate.sweep import parse_layers, run_sweep
-from avec.generation import format_prompt
-from avec.steer import steer
+from avec.generation.hf import format_prompt
+from avec.intervene.steer import steer
 from avec.vector import SteeringVector
 
 ITEMS = [ABItem("Is the sky blue?\n(A) yes\n(B) no", "A", "B"),
@@ -166,7 +166,7 @@ def test_sweep_outputs(tmp_path, tiny_llama):
 
 def test_ppl_sweep_masks_actadd_positions(tiny_llama):
     from avec.data import ContrastPair
-    from avec.extract import extract
+    from avec.directions.extract import extract
 
     vec = extract(tiny_llama, [ContrastPair("Love", "Hate")], [1], method="actadd")
     texts = ["A reference text long enough to score."]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avec.activations import read_activations
+from avec.directions.activations import read_activations
 from avec.data import ContrastPair
 from avec.errors import SteeringError
-from avec.extract import extract
-from avec.generation import generate_ids, steered_completions, variant_completions
-from avec.methods import MeanDiff, get_method
-from avec.steer import steer
+from avec.directions.extract import extract
+from avec.generation.hf import generate_ids, steered_completions, variant_completions
+from avec.directions.methods import MeanDiff, get_method
+from avec.intervene.steer import steer
 
 PAIRS = [ContrastPair("I love this day", "I hate this day"),
          ContrastPair("What a lovely gift", "What an awful gift"),
@@ -102,8 +102,8 @@ def test_generated_positions_leave_prompt_untouched(tiny_llama):
 def test_greedy_loop_matches_model_generate(tiny_any, positions):
     """avec's greedy loop makes the forward calls model.generate makes: same tokens, also
     left-padded, steered per row and by position."""
-    from avec.activations import pad_batch
-    from avec.generation import _hf_generate
+    from avec.directions.activations import pad_batch
+    from avec.generation.hf import _hf_generate
 
     model = tiny_any
     prompts = [model.encode([t])[0] for t in ["a long prompt here", "hi", "mid size"]]

@@ -10,10 +10,10 @@ import torch
 from conftest import byte_tokenizer, make_tiny, tiny_config
 
 from avec.errors import DataError
-from avec.finetune import (IGNORE_INDEX, METADATA_FILE, Example, FinetuneConfig, FinetuneError,
+from avec.studies.refusal.finetune import (IGNORE_INDEX, METADATA_FILE, Example, FinetuneConfig, FinetuneError,
                            collate, encode_example, finetune, load_examples, save_examples,
                            save_finetuned, turn_format)
-from avec.generation import format_prompt, generate_ids
+from avec.generation.hf import format_prompt, generate_ids
 from avec.models import Model, load_model
 
 MEMO = [Example("color one", "red apple"), Example("color two", "blue sky"),
@@ -82,7 +82,7 @@ def test_label_masking_and_padding(tiny_llama):
 def test_loss_is_mean_over_response_tokens(tiny_llama):
     """The first step's loss (computed from the response positions' logits only) equals the
     mean cross-entropy over every labelled token of the batch, from full logits."""
-    from avec.finetune import response_loss
+    from avec.studies.refusal.finetune import response_loss
 
     batch = collate([encode_example(tiny_llama, ex) for ex in MEMO], 257)
     with torch.no_grad():

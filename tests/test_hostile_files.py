@@ -22,9 +22,10 @@ from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 from avec.errors import VectorFileError
-from avec.interop.gguf_check import GGUFLimits, check_gguf
-from avec.interop import read_gguf_control_vector, write_gguf_control_vector
-from avec.safetensors_check import DTYPE_BITS, check_safetensors
+from avec.formats.gguf_check import GGUFLimits, check_gguf
+from avec.formats.gguf_control import write_gguf_control_vector
+from avec.vector import read_gguf_control_vector
+from avec.formats.safetensors_check import DTYPE_BITS, check_safetensors
 from avec.vector import SteeringVector, load_vector
 
 # ---- builders -------------------------------------------------------------------------------
@@ -483,7 +484,7 @@ def test_fuzz_safetensors_byte_flips(tmp_path, flips):
     b"\x01\x02",
 ])
 def test_sae_and_maze_files_get_the_same_bounded_header_check(tmp_path, content):
-    from avec.maze.policy import MazePolicy, PolicyConfig, load_policy, save_policy
+    from avec.studies.maze.policy import MazePolicy, PolicyConfig, load_policy, save_policy
     from avec.sae.io import SAEError, load_sae, save_sae
     from avec.sae.model import SAEConfig, SparseAutoencoder
 

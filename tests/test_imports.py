@@ -23,7 +23,6 @@ import ast
 from collections import defaultdict
 from pathlib import Path
 
-import pytest
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -205,3 +204,67 @@ def test_cycle_finder_passes_an_acyclic_package(tmp_path):
     graph = import_graph(tmp_path, "pkg")
     assert graph["pkg.a"].keys() == {"pkg.b", "pkg.errors"}
     assert find_cycles(graph) == []
+
+
+# The flow, bottom to top (DESIGN.md "Layout"): a module may import only from its own top-level
+# folder or from a folder with a lower rank. A new top-level entry must be placed here.
+LAYERS: dict[str, int] = {
+    "_version": 0, "errors": 0,
+    "formats": 1, "report": 1,
+    "vector": 2,
+    "models": 3,
+    "data": 4,
+    "directions": 5,
+    "intervene": 6,
+    "generation": 7,
+    "evaluate": 8,
+    "sae": 9, "discover": 9, "tune": 9,
+    "studies": 10,
+    "serve": 11,
+    "cli": 12,
+    "": 13,  # avec/__init__.py, the public API
+}
+
+
+def _top(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else ""
+
+
+def upward_imports(graph: dict[str, dict[str, list[str]]],
+                   layers: dict[str, int]) -> list[str]:
+    """Every import from a top-level folder into one of the same or a higher rank; a top-level
+    entry missing from ``layers`` is reported too."""
+    bad = sorted({f"{_top(m) or '(root)'}: not placed in LAYERS"
+                  for m in graph if _top(m) not in layers})
+    for src, targets in sorted(graph.items()):
+        a = _top(src)
+        for dst, lines in sorted(targets.items()):
+            b = _top(dst)
+            if a == b or a not in layers or b not in layers:
+                continue
+            if layers[b] >= layers[a]:
+                bad.extend(f"{a} (rank {layers[a]}) imports {b} (rank {layers[b]}): {ln}"
+                           for ln in lines)
+    return bad
+
+
+def test_no_upward_imports_in_avec():
+    graph = import_graph(SRC, "avec")
+    bad = upward_imports(graph, LAYERS)
+    assert not bad, "imports against the flow in src/avec:\n" + "\n".join(bad)
+
+
+def test_layer_check_finds_an_upward_import(tmp_path):
+    _write(tmp_path, {
+        "pkg/__init__.py": "",
+        "pkg/low/__init__.py": "",
+        "pkg/low/a.py": "def f():\n    from pkg.high.b import g\n    return g\n",
+        "pkg/high/__init__.py": "",
+        "pkg/high/b.py": "from pkg.low.a import f\n",
+        "pkg/side/c.py": "",
+    })
+    bad = upward_imports(import_graph(tmp_path, "pkg"), {"low": 1, "high": 2, "": 3})
+    assert "side: not placed in LAYERS" in bad
+    assert any(line.startswith("low (rank 1) imports high (rank 2): pkg/low/a.py:2") for line in bad)
+    assert not any(line.startswith("high ") for line in bad)

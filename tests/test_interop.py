@@ -14,11 +14,12 @@ import pytest
 import torch
 
 from avec import SteeringVector, extract, load_vector, steer
-from avec.cli import main
+from avec.cli.main import main
 from avec.data import ContrastPair
 from avec.errors import VectorFileError
-from avec.interop import read_gguf_control_vector, write_gguf_control_vector
-from avec.methods import get_method
+from avec.formats.gguf_control import write_gguf_control_vector
+from avec.vector import read_gguf_control_vector
+from avec.directions.methods import get_method
 
 
 def repeng_export_gguf(path, model_type: str, directions: dict[int, np.ndarray]) -> None:

@@ -12,13 +12,13 @@ import pytest
 import torch
 
 import avec
-from avec.backends.llamacpp import (ControlTerm, LlamaCppModel, check_terms, control_buffer,
+from avec.generation.llamacpp import (ControlTerm, LlamaCppModel, check_terms, control_buffer,
                                     steered_completions)
-from avec.backends.llamacpp_probe import probe
-from avec.cli import main
+from avec.generation.llamacpp_probe import probe
+from avec.cli.main import main
 from avec.data.demo import DEMO_PAIRS
 from avec.errors import ModelLoadError, SteeringError
-from avec.generation import format_prompt, generate_ids
+from avec.generation.hf import format_prompt, generate_ids
 from avec.models.loading import default_model_path
 from avec.vector import SteeringVector
 
@@ -148,7 +148,7 @@ def test_non_finite_outputs_raise_instead_of_garbage(lcpp, ocean):
 
 
 def test_sampling_is_seeded(lcpp):
-    from avec.generation import RowSampling
+    from avec.generation.hf import RowSampling
 
     ids = format_prompt(lcpp, PROMPTS[2])[0]
 

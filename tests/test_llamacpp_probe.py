@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from avec.backends.llamacpp import LlamaCppModel
-from avec.backends.llamacpp_probe import main, probe
+from avec.generation.llamacpp import LlamaCppModel
+from avec.generation.llamacpp_probe import main, probe
 from avec.errors import ModelLoadError
 from avec.models.loading import default_model_path
 

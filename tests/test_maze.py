@@ -8,18 +8,18 @@ import numpy as np
 import pytest
 import torch
 
-from avec.cli import main
+from avec.cli.main import main
 from avec.errors import SteeringError, VectorFileError
-from avec.maze.env import (MOVES, distances, decision_square, generate_maze, mazes,
+from avec.studies.maze.env import (MOVES, distances, decision_square, generate_maze, mazes,
                            open_corner_path, path, region_cells, render)
-from avec.maze.field import decision_probs, vector_field
-from avec.maze.policy import (MazePolicy, PolicyConfig, default_policy_path, load_policy,
+from avec.studies.maze.field import decision_probs, vector_field
+from avec.studies.maze.policy import (MazePolicy, PolicyConfig, default_policy_path, load_policy,
                               save_policy)
-from avec.maze.steering import (cheese_channels, cheese_vector, policy_model,
+from avec.studies.maze.steering import (cheese_channels, cheese_vector, policy_model,
                                 retarget_interventions, held_out_mazes, top_right_vector)
-from avec.maze.train import TrainConfig, accuracy, build_dataset, train_policy
-from avec.modules import ModuleModel, difference_vector, read_sites
-from avec.steer import Intervention, steer
+from avec.studies.maze.train import TrainConfig, accuracy, build_dataset, train_policy
+from avec.models.modules import ModuleModel, difference_vector, read_sites
+from avec.intervene.steer import Intervention, steer
 from avec.vector import SteeringVector
 
 SITE = "embedder.block2.res1.resadd"

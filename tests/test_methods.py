@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from avec.data import ContrastPair
-from avec.extract import extract, space_token_id
-from avec.methods import PCA, ActAdd, MeanDiff, Probe, RandomDirection, get_method
-from avec.methods.actadd import actadd_token_lists
-from avec.steer import steer
+from avec.directions.extract import extract, space_token_id
+from avec.directions.methods import PCA, ActAdd, MeanDiff, Probe, RandomDirection, get_method
+from avec.directions.methods.actadd import actadd_token_lists
+from avec.intervene.steer import steer
 
 
 def cos(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,4 +1,4 @@
-"""avec.steer on arbitrary torch modules (avec.modules.ModuleModel), beyond the maze CNN."""
+"""avec.steer on arbitrary torch modules (avec.models.modules.ModuleModel), beyond the maze CNN."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import avec
-from avec.modules import ModuleModel, difference_vector, read_sites
+from avec.models.modules import ModuleModel, difference_vector, read_sites
 
 
 def test_an_mlp_and_a_conv1d_are_steered_like_language_models() -> None:

@@ -11,7 +11,7 @@ import pytest
 from conftest import live_server
 
 from avec.data.demo import DEMO_PAIRS
-from avec.extract import extract
+from avec.directions.extract import extract
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avec.activations import pad_batch, read_activations
+from avec.directions.activations import pad_batch, read_activations
 from avec.data.demo import DEMO_PAIRS, DEMO_TARGET_WORDS, NEUTRAL_PROMPTS
-from avec.extract import extract
-from avec.generation import steered_completions
-from avec.steer import steer
+from avec.directions.extract import extract
+from avec.generation.hf import steered_completions
+from avec.intervene.steer import steer
 
 pytestmark = pytest.mark.real_model
 
@@ -90,7 +90,7 @@ def test_read_site_equals_write_site_real(real_model, ocean):
 def test_pairs_generate_cli(tmp_path, capsys):
     import json
 
-    from avec.cli import main
+    from avec.cli.main import main
     from avec.data import load_pairs
 
     out = tmp_path / "pairs.jsonl"
@@ -107,7 +107,7 @@ def test_pairs_generate_cli(tmp_path, capsys):
 
 def test_compare_concept_mean_diff_beats_random(real_model):
     """The embedding-judged comparison separates a real direction from the random control."""
-    from avec.evaluate.compare import CompareSettings, Task, compare
+    from avec.studies.compare.run import CompareSettings, Task, compare
 
     settings = CompareSettings(layer=14, methods=("mean_diff", "random"), n_pairs=(32,),
                                seeds=1, coefs=(2.0, 4.0), kl_budget=10.0, max_new_tokens=24)

@@ -9,12 +9,13 @@ import math
 import pytest
 import torch
 
-from avec.cli import main
+from avec.cli.main import main
 from avec.errors import SteeringError
-from avec.generation import format_prompt
-from avec.refusal.data import REFUSAL_TEMPLATES, is_refusal, refusal_examples, refusal_rate
-from avec.refusal.evaluate import evaluate_refusal, results_table, standard_conditions
-from avec.refusal.select import (Candidate, NoEligibleCandidate, apply_filters,
+from avec.generation.hf import format_prompt
+from avec.evaluate.refusal import is_refusal, refusal_rate
+from avec.studies.refusal.data import REFUSAL_TEMPLATES, refusal_examples
+from avec.studies.refusal.evaluate import evaluate_refusal, results_table, standard_conditions
+from avec.studies.refusal.select import (Candidate, NoEligibleCandidate, apply_filters,
                                  find_refusal_tokens, last_logits, post_instruction_tokens,
                                  refusal_metric, select_direction, write_candidates,
                                  write_selection)
@@ -110,7 +111,7 @@ def test_selection_on_a_tiny_model(tiny_llama, tmp_path):
 
 
 def test_bypass_score_is_the_metric_under_ablation(tiny_llama):
-    from avec.ablation import ablate_direction
+    from avec.intervene.ablation import ablate_direction
 
     sel = select_direction(tiny_llama, HARMFUL, HARMLESS, HARMFUL[:4], HARMLESS[:4],
                            kl_max=1e9, min_induce=-1e9, refusal_tokens=[73], batch_size=4)

@@ -22,7 +22,7 @@ from avec.sae import (
     steer_features,
     train_sae,
 )
-from avec.steer import steer
+from avec.intervene.steer import steer
 from conftest import make_tiny
 
 LAYER = 2

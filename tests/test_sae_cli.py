@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from avec.cli import main
+from avec.cli.main import main
 from avec.data import ContrastPair, save_jsonl_pairs
 from avec.models import Model
 from avec.sae import SAEConfig, SparseAutoencoder, load_sae

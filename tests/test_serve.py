@@ -14,9 +14,9 @@ import torch
 from conftest import live_server
 from fastapi.testclient import TestClient  # the serve extra is part of the dev set-up: no skip
 
-from avec.generation import generate_ids
+from avec.generation.hf import generate_ids
 from avec.serve import Engine, Limits, ServeError, VectorRegistry, create_app
-from avec.steer import Intervention, steer
+from avec.intervene.steer import Intervention, steer
 from avec.vector import SteeringVector
 
 KEY = "test-key"

@@ -23,7 +23,7 @@ from fastapi.testclient import TestClient
 from safetensors.torch import save_file
 
 import avec.serve.engine as engine_mod
-from avec.cli import main
+from avec.cli.main import main
 from avec.serve import Engine, Limits, ServeError, VectorRegistry, create_app
 from avec.serve.schemas import SteeringSpec
 from avec.serve.server import uvicorn_config
@@ -474,7 +474,7 @@ def test_vector_store_caps(tiny_llama, tmp_path):
 def fake_uvicorn(monkeypatch, tiny_llama):
     """``avec serve`` on the tiny model, with a server that records its app instead of
     listening."""
-    from avec import cli
+    from avec.cli import main as cli
 
     ran: list[Any] = []
 

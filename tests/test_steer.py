@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from avec.activations import pad_batch, read_activations
+from avec.directions.activations import pad_batch, read_activations
 from avec.errors import SteeringError, VectorFileError
-from avec.steer import Intervention, steer
+from avec.intervene.steer import Intervention, steer
 from avec.vector import SteeringVector
 
 PROMPTS = ["Once upon a time", "The capital of France is", "hi"]

@@ -8,17 +8,17 @@
 """
 
 from avec._version import __version__
-from avec.ablation import ablate_direction
-from avec.activations import read_activations
+from avec.intervene.ablation import ablate_direction
+from avec.directions.activations import read_activations
 from avec.data import ContrastPair, load_ab_pairs, load_jsonl_pairs, load_pairs, load_prompts
 from avec.errors import (AvecError, DataError, ModelLoadError, SteeringError,
                          UnsupportedArchitectureError, VectorFileError)
-from avec.extract import extract
-from avec.generation import Completion, steered_completions
+from avec.directions.extract import extract
+from avec.generation.hf import Completion, steered_completions
 from avec.models import Model, load_model
-from avec.modules import ModuleModel, difference_vector, read_sites
-from avec.orthogonalize import orthogonalize_weights, save_orthogonalized
-from avec.steer import Intervention, steer
+from avec.models.modules import ModuleModel, difference_vector, read_sites
+from avec.intervene.orthogonalize import orthogonalize_weights, save_orthogonalized
+from avec.intervene.steer import Intervention, steer
 from avec.vector import SteeringVector, load_vector
 
 __all__ = [

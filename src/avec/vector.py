@@ -18,7 +18,7 @@ import torch
 
 from avec._version import __version__
 from avec.errors import VectorFileError
-from avec.vector_checks import (SAFETENSORS_FLOAT_DTYPES, check_metadata, directions_from,
+from avec.formats.vector_checks import (SAFETENSORS_FLOAT_DTYPES, check_metadata, directions_from,
                                 layer_index)
 
 FORMAT_VERSION = 1
@@ -146,12 +146,12 @@ class SteeringVector:
     def load(cls, path: str | Path, *, expected_width: int | None = None) -> "SteeringVector":
         """Read a vector file, refusing anything malformed, non-finite or of the wrong width.
 
-        The header is checked (:func:`avec.safetensors_check.check_safetensors`) before
+        The header is checked (:func:`avec.formats.safetensors_check.check_safetensors`) before
         safetensors opens the file; tensors are checked after conversion to float32
-        (:mod:`avec.vector_checks`)."""
+        (:mod:`avec.formats.vector_checks`)."""
         from safetensors import SafetensorError, safe_open
 
-        from avec.safetensors_check import METADATA, check_safetensors
+        from avec.formats.safetensors_check import METADATA, check_safetensors
 
         path = Path(path)
         _require_file(path)
@@ -229,7 +229,7 @@ def _require_file(path: Path) -> None:
 
 def _parse_metadata(path: Path, header: Mapping[str, str]) -> dict[str, Any]:
     """The avec metadata object of a safetensors header (bounded JSON, valid Unicode)."""
-    from avec.jsonsafe import JSONInputError, loads
+    from avec.formats.jsonsafe import JSONInputError, loads
 
     if METADATA_KEY not in header:
         raise VectorFileError(f"{path}: no {METADATA_KEY!r} metadata in the safetensors "
@@ -259,8 +259,8 @@ def load_vector(path: str | Path, model: Any = None) -> SteeringVector:
 def read_gguf_control_vector(path: str | Path, *,
                              expected_width: int | None = None) -> SteeringVector:
     """Read a llama.cpp / repeng control-vector GGUF file as a :class:`SteeringVector`
-    (the format is parsed by :func:`avec.interop.gguf_control.read_gguf_control`)."""
-    from avec.interop.gguf_control import read_gguf_control
+    (the format is parsed by :func:`avec.formats.gguf_control.read_gguf_control`)."""
+    from avec.formats.gguf_control import read_gguf_control
 
     directions, meta = read_gguf_control(path)
     out = SteeringVector(directions, meta)

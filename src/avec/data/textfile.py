@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from avec.errors import DataError
-from avec.jsonsafe import JSONInputError, has_lone_surrogate, loads
+from avec.formats.jsonsafe import JSONInputError, has_lone_surrogate, loads
 
 MAX_FILE_BYTES = 512 * 2**20
 MAX_LINE_BYTES = 4 * 2**20

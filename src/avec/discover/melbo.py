@@ -24,10 +24,10 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from avec.activations import forward_until, pad_batch
-from avec.generation import format_prompt
+from avec.directions.activations import forward_until, pad_batch
+from avec.generation.hf import format_prompt
 from avec.models.model import Model
-from avec.steer import steer
+from avec.intervene.steer import steer
 from avec.vector import SteeringVector
 
 

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from avec.discover.melbo import MelboResult
-from avec.generation import variant_completions
+from avec.generation.hf import variant_completions
 from avec.models.model import Model
 
 
@@ -34,7 +34,7 @@ class Behaviour:
 
     def score(self, texts: Sequence[str]) -> float:
         if not self.keywords:
-            from avec.refusal.data import refusal_rate
+            from avec.evaluate.refusal import refusal_rate
 
             return refusal_rate(texts)
         from avec.evaluate.concepts import keyword_rate

@@ -18,12 +18,12 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.data.pairs import ab_letter
-from avec.activations import pad_batch
+from avec.directions.activations import pad_batch
 from avec.errors import DataError
 from avec.evaluate.forward import continue_from_cache, prefix_cache
 from avec.models.context import check_lengths, snippet
 from avec.models.model import Model
-from avec.steer import Op, steer
+from avec.intervene.steer import Op, steer
 from avec.vector import SteeringVector
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from avec.activations import length_batches, pad_batch
+from avec.directions.activations import length_batches, pad_batch
 from avec.models.context import check_lengths
 from avec.models.model import Model, cache_kwarg, output_cache
 
@@ -51,7 +51,7 @@ def continue_from_cache(model: Model, cache: Any, mask: torch.Tensor, suffix: li
 def batched_logits(model: Model, token_lists: list[list[int]], batch_size: int = 16
                    ) -> list[torch.Tensor]:
     """Full logits ``[len_i, vocab]`` (float32, CPU) for each token list, right-padded batches
-    (fewer rows for long texts, see :func:`avec.activations.length_batches`)."""
+    (fewer rows for long texts, see :func:`avec.directions.activations.length_batches`)."""
     _check(model, token_lists)
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
     out: list[torch.Tensor | None] = [None] * len(token_lists)
@@ -73,7 +73,7 @@ def steered_logit_rows(model: Model, token_lists: list[list[int]], vector: Any, 
     Each batch holds a few texts, each repeated once per coefficient with its own per-row
     coefficient, so k coefficients take one batched pass per group of texts.
     """
-    from avec.steer import steer
+    from avec.intervene.steer import steer
 
     _check(model, token_lists)
     order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))

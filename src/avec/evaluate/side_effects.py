@@ -7,7 +7,7 @@ from typing import Sequence
 import torch
 
 from avec.evaluate.forward import batched_logits, steered_logit_rows
-from avec.generation import format_prompt
+from avec.generation.hf import format_prompt
 from avec.models.model import Model
 from avec.vector import SteeringVector
 

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from avec.evaluate.ab import ABItem, ab_sweep
 from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
 from avec.evaluate.side_effects import kl_divergence, logit_difference, perplexity
-from avec.generation import steered_completions
+from avec.generation.hf import steered_completions
 from avec.models.model import Model
 from avec.vector import SteeringVector
 

@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from avec.activations import layer_outputs
+from avec.directions.activations import layer_outputs
 from avec.errors import DataError
 from avec.models.model import Model
 

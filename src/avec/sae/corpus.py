@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from avec.activations import layer_outputs
-from avec.generation import RowSampling, format_prompt, generate_ids
+from avec.directions.activations import layer_outputs
+from avec.generation.hf import RowSampling, format_prompt, generate_ids
 from avec.models.model import Model
 from avec.sae.model import SAEError
 

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from avec.activations import layer_outputs, pad_batch
+from avec.directions.activations import layer_outputs, pad_batch
 from avec.evaluate.top_examples import TopExample, peak_token
-from avec.hooks import block_output, replace_block_output
+from avec.models.hooks import block_output, replace_block_output
 from avec.models.model import Model
 from avec.sae.model import SAEError, SparseAutoencoder
 from avec.sae.steer import check_fit

@@ -112,7 +112,7 @@ def load_sae(directory: str | Path, *, dtype: torch.dtype | None = None,
     from safetensors import SafetensorError, safe_open
 
     from avec.errors import VectorFileError
-    from avec.safetensors_check import check_safetensors
+    from avec.formats.safetensors_check import check_safetensors
 
     directory = Path(directory)
     if not directory.is_dir():

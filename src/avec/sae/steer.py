@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from avec.hooks import block_output, replace_block_output
+from avec.models.hooks import block_output, replace_block_output
 from avec.models.model import Model
 from avec.sae.model import SAEError, SparseAutoencoder
 from avec.vector import SteeringVector

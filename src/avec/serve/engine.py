@@ -3,7 +3,7 @@
 Requests that arrive within ``batch_window_s`` of each other (up to ``max_batch``) run as one
 left-padded batch (greedy, or sampled per row with its own seeded generator). Each distinct
 steering entry (vector, layers, op, positions, value) becomes one
-:class:`~avec.steer.Intervention` whose per-row coefficient is the row's own coefficient, or 0
+:class:`~avec.intervene.steer.Intervention` whose per-row coefficient is the row's own coefficient, or 0
 on rows that do not use it; a zero coefficient leaves a row bit-identical, so no request sees
 another's steering. Rows whose entries would need a conflicting order of interventions go to a
 separate batch.
@@ -42,18 +42,18 @@ from typing import TYPE_CHECKING, Callable, Hashable, Sequence
 import torch
 
 from avec.errors import SteeringError
-from avec.generation import generate_ids
+from avec.generation.hf import generate_ids
 from avec.models.model import Model, eos_token_ids
 from avec.serve.errors import ServeError, safe_text
 from avec.serve.limits import Limits
 from avec.serve.registry import VectorRegistry, working_dtype
 from avec.serve.rows import Generation, GenerationResult, Job, RowTracker
 from avec.serve.schemas import SteeringSpec
-from avec.steer import Intervention, steer
+from avec.intervene.steer import Intervention, steer
 from avec.vector import SteeringVector
 
 if TYPE_CHECKING:
-    from avec.backends.llamacpp import ControlTerm
+    from avec.generation.llamacpp import ControlTerm
 
 __all__ = ["Engine", "Generation", "GenerationResult", "Limits", "LlamaCppEngine",
            "ResolvedSteering"]
@@ -376,7 +376,7 @@ class _Ended(Exception):
 
 
 class LlamaCppEngine(Engine):
-    """The engine on the llama.cpp backend (:class:`~avec.backends.llamacpp.LlamaCppModel`).
+    """The engine on the llama.cpp backend (:class:`~avec.generation.llamacpp.LlamaCppModel`).
 
     llama.cpp holds one control vector per context, so requests run one at a time, each with
     its own control vector installed (isolation by construction); only ``op: add`` entries on
@@ -419,6 +419,6 @@ class LlamaCppEngine(Engine):
 
 
 def _control_terms(steering: Sequence[ResolvedSteering]) -> list[ControlTerm]:
-    from avec.backends.llamacpp import ControlTerm
+    from avec.generation.llamacpp import ControlTerm
 
     return [ControlTerm(s.vector, s.coef, s.layers, s.positions, s.op) for s in steering]

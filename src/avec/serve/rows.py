@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 
-from avec.generation import RowSampling
+from avec.generation.hf import RowSampling
 from avec.serve.errors import ServeError
 
 if TYPE_CHECKING:
@@ -72,7 +72,7 @@ class RowTracker:
 
     :meth:`on_step` records each row's new token (not its end-of-sequence token, nothing past
     ``max_tokens`` or a stop string), streams it and resolves the row's future as soon as the
-    row has ended well; :meth:`row_stop` (a :data:`~avec.generation.RowStop`) ends the rows
+    row has ended well; :meth:`row_stop` (a :data:`~avec.generation.hf.RowStop`) ends the rows
     whose request was stopped, is past its deadline or whose logits are not usable, failing
     those with ``fail(job, error, counter)``."""
 

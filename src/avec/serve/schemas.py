@@ -19,7 +19,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 from avec.errors import SteeringError
 from avec.serve.registry import NAME_RE
-from avec.steer import parse_positions
+from avec.intervene.steer import parse_positions
 
 MIN_TEMPERATURE = 1e-3  # below it, logits / temperature can overflow; use 0 for greedy
 MAX_TEMPERATURE = 2.0

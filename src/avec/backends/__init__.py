@@ -1,2 +1,0 @@
-"""Generation engines other than transformers. ``avec.backends.llamacpp``: llama.cpp through
-llama-cpp-python (addition only), imported on use."""

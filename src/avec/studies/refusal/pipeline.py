@@ -1,0 +1,136 @@
+"""The whole refusal study from scratch, one call: safety fine-tuning of the default model
+(``smollm2-refuses``), direction selection, weight orthogonalization and the evaluation table.
+
+Every step writes into ``out_dir``: ``sft.jsonl`` (the fine-tuning set), ``smollm2-refuses/``
+(an ordinary HF model directory), ``select/`` (direction, candidate table, heatmap),
+``smollm2-refuses-orthogonalized/`` (plain HF directory), ``eval/`` (JSON and markdown table)
+and ``summary.json`` (settings, timings).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+DATA_FILES = ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test",
+              "harmless_test")
+
+
+@dataclass
+class StudySettings:
+    """Sizes of each step (the defaults fit a 2-core CPU in well under an hour)."""
+
+    data_dir: str
+    n_harmful_train: int = 260
+    n_harmless_train: int = 260
+    distil_tokens: int = 64
+    epochs: int = 2
+    lora_rank: int = 16
+    learning_rate: float | None = None
+    n_select_train: int = 128
+    n_select_val: int = 16
+    kl_max: float = 0.1
+    fallback_kl_max: float | None = 1.0  # SmolLM2-135M: every candidate has KL > 0.1
+    n_eval: int = 64
+    eval_tokens: int = 32
+    seed: int = 0
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run_study(out_dir: str | Path, settings: StudySettings, *, base_model: str | None = None,
+              log: Callable[[str], None] = _log) -> dict[str, Any]:
+    """Run every step; returns the summary (also written to ``out_dir/summary.json``)."""
+    from avec.studies.refusal.finetune import FinetuneConfig, finetune, save_examples, save_finetuned
+    from avec.models import load_model
+    from avec.intervene.orthogonalize import save_orthogonalized
+    from avec.studies.refusal.data import load_instructions, safety_examples
+    from avec.studies.refusal.evaluate import evaluate_refusal, standard_conditions, write_results
+    from avec.studies.refusal.select import select_direction, write_selection
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = Path(settings.data_dir)
+    missing = [f for f in DATA_FILES if not (data / f"{f}.json").is_file()]
+    if missing:
+        raise FileNotFoundError(f"{data} lacks {', '.join(m + '.json' for m in missing)}; "
+                                f"pass --data-dir with the refusal instruction files")
+    sets = {f: load_instructions(data / f"{f}.json") for f in DATA_FILES}
+    times: dict[str, float] = {}
+    summary: dict[str, Any] = {"settings": asdict(settings), "seconds": times}
+
+    t0 = time.perf_counter()
+    base = load_model(base_model)
+    log(f"[1/5] safety fine-tuning set: refusals on {settings.n_harmful_train} harmful, "
+        f"{base.name}'s own answers on {settings.n_harmless_train} harmless instructions")
+    examples = safety_examples(base, sets["harmful_train"][:settings.n_harmful_train],
+                               sets["harmless_train"][:settings.n_harmless_train],
+                               seed=settings.seed, max_new_tokens=settings.distil_tokens,
+                               progress=True)
+    save_examples(examples, out / "sft.jsonl")
+    times["dataset"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[2/5] fine-tuning on {len(examples)} examples")
+    cfg_args: dict[str, Any] = {"epochs": settings.epochs, "lora_rank": settings.lora_rank,
+                                "seed": settings.seed}
+    if settings.learning_rate is not None:
+        cfg_args["learning_rate"] = settings.learning_rate
+    result = finetune(base, examples, FinetuneConfig(**cfg_args), progress=True)
+    tuned_dir = save_finetuned(result, out / "smollm2-refuses",
+                               metadata={"recipe": "avec refusal reproduce",
+                                         "examples": str(out / "sft.jsonl")})
+    times["finetune"] = time.perf_counter() - t0
+    summary["finetune"] = {"losses_first_last": [result.losses[0], result.losses[-1]],
+                           "seconds": result.seconds, "dir": str(tuned_dir)}
+    del base, result
+
+    t0 = time.perf_counter()
+    tuned = load_model(tuned_dir)
+    log("[3/5] direction selection")
+    n_t, n_v = settings.n_select_train, settings.n_select_val
+    sel = select_direction(tuned, sets["harmful_train"][:n_t], sets["harmless_train"][:n_t],
+                           sets["harmful_val"][:n_v], sets["harmless_val"][:n_v],
+                           kl_max=settings.kl_max, fallback_kl_max=settings.fallback_kl_max,
+                           progress=True)
+    sel_paths = write_selection(sel, out / "select")
+    times["select"] = time.perf_counter() - t0
+    summary["selection"] = {"chosen": asdict(sel.chosen), "baseline": sel.baseline,
+                            "refusal_tokens": sel.refusal_token_info, "files": sel_paths}
+
+    t0 = time.perf_counter()
+    log("[4/5] weight orthogonalization")
+    layer = sel.chosen.layer
+    ortho_dir = save_orthogonalized(tuned, sel.vector[layer], out / "smollm2-refuses-orthogonalized",
+                                    metadata={"vector": sel_paths["vector"]})
+    ortho = load_model(ortho_dir)
+    times["orthogonalize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[5/5] evaluation on {settings.n_eval} held-out harmful and harmless instructions")
+    essays = [p.read_text() for p in sorted((data.parent / "actadd").glob("*.txt"))]
+    conditions = standard_conditions(tuned, sel.vector, ortho)
+    results = evaluate_refusal(conditions, sets["harmful_test"][:settings.n_eval],
+                               sets["harmless_test"][:settings.n_eval], essays=essays,
+                               max_new_tokens=settings.eval_tokens, progress=True)
+    base_model_row = evaluate_refusal([standard_conditions(load_model(base_model), sel.vector)[0]],
+                                      sets["harmful_test"][:settings.n_eval],
+                                      sets["harmless_test"][:settings.n_eval], essays=essays,
+                                      max_new_tokens=settings.eval_tokens)[0]
+    base_model_row.name = "original model (before fine-tuning)"
+    base_model_row.kl_harmless = None  # another model: no KL against the tuned one
+    eval_paths = write_results([base_model_row, *results], out / "eval",
+                               settings={"n_eval": settings.n_eval,
+                                         "max_new_tokens": settings.eval_tokens,
+                                         "essays": len(essays)})
+    times["evaluate"] = time.perf_counter() - t0
+    summary["eval"] = eval_paths
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
