@@ -9,7 +9,8 @@ import torch
 
 from avec.data import ContrastPair
 from avec.evaluate.ab import ABItem
-from avec.studies.compare.run import CompareSettings, Task, _subset, compare, write_outputs
+from avec.studies.compare import CompareSettings, Task, compare, write_outputs
+from avec.studies.compare.run import _subset
 
 PAIRS = [ContrastPair(f"I love thing {i}!", f"I hate thing {i}.") for i in range(10)]
 ITEMS = [ABItem("Good?\n(A) yes\n(B) no", "A", "B"), ABItem("Bad?\n(A) yes\n(B) no", "B", "A")]
@@ -65,7 +66,7 @@ def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
 
 
 def test_results_round_trip(tiny_llama, tmp_path):
-    from avec.studies.compare.run import load_result
+    from avec.studies.compare import load_result
 
     settings = CompareSettings(layer=1, methods=("mean_diff",), n_pairs=(2,), seeds=1,
                                coefs=(1.0,))
@@ -157,7 +158,7 @@ def test_sae_clamp_rows_clamp_inside_the_sae(tiny_llama, tmp_path):
 
 
 def test_report_states_the_sae_cost():
-    from avec.studies.compare.run import _sae_html
+    from avec.studies.compare.report import _sae_html
 
     assert _sae_html({}) == ""
     page = _sae_html({"sae": {"path": "/x/sae", "d_sae": 4096, "k": 32, "select": "selective",

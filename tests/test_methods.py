@@ -108,8 +108,36 @@ def test_actadd_injects_at_front_positions(tiny_llama):
             steered = tiny_llama.hf(ids, output_hidden_states=True).hidden_states[2][0]
     torch.testing.assert_close(steered[:width] - base[:width], 2.0 * vec[1], rtol=1e-5, atol=1e-5)
     assert torch.equal(steered[width:], base[width:])  # later positions untouched at this block
-    with pytest.raises(ValueError, match="single-pair"):
+    with pytest.raises(ValueError, match="exactly 1 pair"):
         extract(tiny_llama, [pair, pair], [1], method="actadd")
     with pytest.raises(Exception, match="can only be added"):
         with steer(tiny_llama, vec, op="ablate"):
             pass
+
+
+def test_every_method_declares_how_it_is_fitted():
+    """The method interface says what callers must do, so none branches on a name."""
+    from avec.directions.methods import METHODS
+    from avec.sae.feature import SAE_METHODS
+
+    for name, cls in {**METHODS, **SAE_METHODS}.items():
+        assert cls.reads in ("activations", "tokens", "latents"), name
+        assert cls.applies in ("add", "clamp"), name
+        assert cls.pairs_needed in (None, 1), name
+        assert isinstance(cls.needs_sae, bool), name
+    assert METHODS["actadd"].reads == "tokens" and METHODS["actadd"].pairs_needed == 1
+    assert SAE_METHODS["sae_clamp"].applies == "clamp" and SAE_METHODS["sae"].applies == "add"
+
+
+def test_make_method_takes_only_the_context_a_method_declares():
+    from avec.directions.methods.base import make_method
+    from avec.directions.methods import METHODS
+
+    ctx = {"seed": 7, "sae": object(), "by": "difference"}
+    assert make_method(METHODS, "random", context=ctx).info() == {"seed": 7}
+    assert make_method(METHODS, "mean_diff", context=ctx).info() == {}
+    with pytest.raises(ValueError, match="no setting 'center'"):
+        make_method(METHODS, "mean_diff", center=True)
+    with pytest.raises(ValueError, match="available"):
+        make_method(METHODS, "nope")
+    assert get_method("pca", center=True, context={"center": False}).center is True

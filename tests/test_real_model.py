@@ -107,7 +107,7 @@ def test_pairs_generate_cli(tmp_path, capsys):
 
 def test_compare_concept_mean_diff_beats_random(real_model):
     """The embedding-judged comparison separates a real direction from the random control."""
-    from avec.studies.compare.run import CompareSettings, Task, compare
+    from avec.studies.compare import CompareSettings, Task, compare
 
     settings = CompareSettings(layer=14, methods=("mean_diff", "random"), n_pairs=(32,),
                                seeds=1, coefs=(2.0, 4.0), kl_budget=10.0, max_new_tokens=24)

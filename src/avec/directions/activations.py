@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence, Union
 import torch
 from tqdm.auto import tqdm
 
-from avec.models.hooks import StopForward, block_output
+from avec.models.hooks import StopForward, block_output, installed_hooks
 from avec.models.context import check_texts
 from avec.models.model import Model
 
@@ -109,7 +109,6 @@ def forward_until(model: Model, layers: Sequence[int],
                   position_ids: torch.Tensor) -> None:
     """Run the model, calling ``on_output(layer, hidden)`` for each layer, and stop after the last."""
     deepest = max(layers)
-    handles = []
 
     def make_hook(layer: int) -> Callable[..., None]:
         def hook(_module: torch.nn.Module, _args: object, output: object) -> None:
@@ -119,16 +118,14 @@ def forward_until(model: Model, layers: Sequence[int],
 
         return hook
 
-    try:
+    with installed_hooks() as hooks:
         for layer in sorted(set(layers)):
-            handles.append(model.blocks[layer].register_forward_hook(make_hook(layer)))
-        model.hf(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                 use_cache=False)
-    except StopForward:
-        pass
-    finally:
-        for h in handles:
-            h.remove()
+            hooks.forward(model.blocks[layer], make_hook(layer))
+        try:
+            model.hf(input_ids=input_ids, attention_mask=attention_mask,
+                     position_ids=position_ids, use_cache=False)
+        except StopForward:
+            pass
 
 
 def layer_outputs(model: Model, texts: Sequence[str], layer: int, *, max_tokens: int = 128,

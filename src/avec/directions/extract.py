@@ -29,12 +29,15 @@ def extract(model: Model, pairs: Sequence[ContrastPair], layers: Sequence[int], 
     """
     if not pairs:
         raise ValueError("no contrast pairs given")
-    if method == "actadd":
-        if len(pairs) != 1:
-            raise ValueError(f"actadd is the single-pair method; got {len(pairs)} pairs")
+    fitter = get_method(method, context={"seed": seed})
+    if fitter.pairs_needed is not None and len(pairs) != fitter.pairs_needed:
+        raise ValueError(f"{method} fits on exactly {fitter.pairs_needed} pair(s); got "
+                         f"{len(pairs)} pairs")
+    if fitter.reads == "tokens":
         return extract_actadd(model, pairs[0], layers, chat=chat)
+    if fitter.reads != "activations":
+        raise ValueError(f"{method} reads {fitter.reads}, which extract does not provide")
     layers = model.check_layers(list(layers))
-    fitter = get_method(method, **({"seed": seed} if method == "random" else {}))
     pos_texts, neg_texts = pair_texts(list(pairs), model, chat=chat)
     sources = [f"{p.source or f'pair {i + 1}'} ({side})" for side in ("positive", "negative")
                for i, p in enumerate(pairs)]
@@ -44,9 +47,7 @@ def extract(model: Model, pairs: Sequence[ContrastPair], layers: Sequence[int], 
     directions: dict[int, torch.Tensor] = {
         L: fitter.fit(a[:n], a[n:]) for L, a in acts.items()}
     meta = {"model": model.identity(), "method": fitter.name, "positions": position,
-            "chat_template": chat, "n_pairs": n}
-    if method == "random":
-        meta["seed"] = seed
+            "chat_template": chat, "n_pairs": n, **fitter.info()}
     return SteeringVector(directions, meta)
 
 

@@ -22,6 +22,7 @@ import numpy as np
 from avec.discover.melbo import MelboResult
 from avec.generation.hf import variant_completions
 from avec.models.model import Model
+from avec.report import write_html, write_json
 
 
 @dataclass(frozen=True)
@@ -187,11 +188,7 @@ def write_report(out: Path, result: MelboResult, summary: Summary) -> Path:
                        f"{row['objective']:.4g})</summary><table><tr><th>prompt</th>"
                        f"<th>unsteered</th><th>steered</th></tr>{items}</table></details>")
     cfg = result.config
-    page = f"""<!doctype html><html><head><meta charset=utf-8><title>avec discover</title>
-<style>body{{font:14px system-ui,sans-serif;margin:2em;max-width:1200px}}
-table{{border-collapse:collapse;margin:.5em 0}}td,th{{border:1px solid #ccc;padding:4px 8px;
-vertical-align:top;text-align:left}}tr.base{{background:#f4f4f4}}li{{margin:.4em 0}}</style>
-</head><body><h1>MELBO: {len(result.vectors)} unsupervised steering vectors</h1>
+    page = f"""<h1>MELBO: {len(result.vectors)} unsupervised steering vectors</h1>
 <p>source layer {result.source_layer} → target layer {result.target_layer}, radius {cfg['radius']},
 p={cfg['p']}, q={cfg['q']}, target positions {esc(str(cfg['positions']))},
 {len(summary.prompts)} prompts, seed {cfg['seed']}; {result.seconds:.0f} s,
@@ -200,11 +197,10 @@ of {mean_random:.4g}. "text shift" is 1 − cosine between the mean embedding of
 the unsteered completions.</p>
 <table><tr>{head}</tr>{''.join(body)}</table>
 <h2>Clusters (by the meaning of the steered completions)</h2>{''.join(clusters)}
-<h2>Every completion</h2>{''.join(details)}</body></html>"""
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "report.html"
-    path.write_text(page)
-    return path
+<h2>Every completion</h2>{''.join(details)}"""
+    return write_html(out / "report.html", "avec discover", page,
+                      css="body{font-size:14px;max-width:1200px}td,th{border:1px solid #ccc}"
+                          "tr.base{background:#f4f4f4}li{margin:.4em 0}")
 
 
 def load_run(directory: str | Path) -> tuple[MelboResult, list[str]]:
@@ -244,9 +240,9 @@ def write_run(out: Path, result: MelboResult, summary: Summary | None = None,
               "cosines": [[round(c, 6) for c in row] for row in result.cosines()],
               "vectors": [{"index": v.index, "objective": round(v.objective, 4),
                            "steps": v.steps, "history": v.history} for v in result.vectors]}
-    (out / "melbo.json").write_text(json.dumps(record, indent=1) + "\n")
+    write_json(out / "melbo.json", record, indent=1)
     paths.append(out / "melbo.json")
     if summary is not None:
-        (out / "summary.json").write_text(json.dumps(summary.to_json(), indent=1) + "\n")
+        write_json(out / "summary.json", summary.to_json(), indent=1)
         paths += [out / "summary.json", write_report(out, result, summary)]
     return [Path(p) for p in paths]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import csv
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -15,6 +13,7 @@ from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
 from avec.evaluate.side_effects import kl_divergence, logit_difference, perplexity
 from avec.generation.hf import steered_completions
 from avec.models.model import Model
+from avec.report import heatmap, write_csv, write_json
 from avec.vector import SteeringVector
 
 METRICS = ("ab", "kl", "ppl", "logit_diff", "concept")
@@ -41,39 +40,18 @@ class SweepResult:
         out.mkdir(parents=True, exist_ok=True)
         paths = {"json": out / f"sweep_{self.metric}.json", "csv": out / f"sweep_{self.metric}.csv",
                  "png": out / f"sweep_{self.metric}.png"}
-        paths["json"].write_text(json.dumps(asdict(self), indent=2))
-        with open(paths["csv"], "w", newline="") as fh:
-            writer = csv.writer(fh)
-            writer.writerow(["layer", *[f"coef={c:g}" for c in self.coefs]])
-            for L, row in zip(self.layers, self.values):
-                writer.writerow([L, *[f"{v:.6g}" for v in row]])
-        heatmap(self, paths["png"], title)
+        write_json(paths["json"], asdict(self))
+        write_csv(paths["csv"], ["layer", *[f"coef={c:g}" for c in self.coefs]],
+                  ([L, *[f"{v:.6g}" for v in row]] for L, row in zip(self.layers, self.values)))
+        plot_sweep(self, paths["png"], title)
         return {k: str(v) for k, v in paths.items()}
 
 
-def heatmap(result: SweepResult, path: Path, title: str = "") -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.6 + 0.75 * len(result.coefs)),
-                                    max(3.0, 1.2 + 0.38 * len(result.layers))))
-    im = ax.imshow(result.values, aspect="auto", cmap="viridis")
-    ax.set_xticks(range(len(result.coefs)), [f"{c:g}" for c in result.coefs])
-    ax.set_yticks(range(len(result.layers)), [str(L) for L in result.layers])
-    ax.set_xlabel("coefficient")
-    ax.set_ylabel("layer")
-    ax.set_title(title or f"{LABELS.get(result.metric, result.metric)}")
-    middle = (max(map(max, result.values)) + min(map(min, result.values))) / 2
-    for i, row in enumerate(result.values):
-        for j, v in enumerate(row):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if v < middle else "black")
-    fig.colorbar(im, ax=ax, label=LABELS.get(result.metric, result.metric))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+def plot_sweep(result: SweepResult, path: Path, title: str = "") -> Path:
+    """The sweep as a layers x coefficients heatmap with each cell's value."""
+    label = LABELS.get(result.metric, result.metric)
+    return heatmap(result.values, path, rows=result.layers, cols=[f"{c:g}" for c in result.coefs],
+                   title=title or label, xlabel="coefficient", ylabel="layer", colorbar=label)
 
 
 def run_sweep(model: Model, metric: str, vector: SteeringVector | None, layers: Sequence[int],

@@ -17,6 +17,7 @@ import torch
 from avec.directions.activations import layer_outputs
 from avec.errors import DataError
 from avec.models.model import Model
+from avec.report import html_page
 
 
 @dataclass(frozen=True)
@@ -105,13 +106,8 @@ def render_html(examples: Sequence[TopExample], title: str, subtitle: str = "") 
         rows.append(f'<tr><td class="n">{rank}</td><td class="n">{ex.score:.2f}</td>'
                     f'<td class="n">{html.escape(ex.tokens[ex.token_index])!s}</td>'
                     f'<td class="t">{"".join(spans)}</td></tr>')
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}
-table{{border-collapse:collapse}}td{{border-bottom:1px solid #ddd;padding:.4em;vertical-align:top}}
-td.n{{white-space:nowrap;font-variant-numeric:tabular-nums}}td.t{{font-family:ui-monospace,monospace;
-white-space:pre-wrap;font-size:.9em}}span.peak{{outline:2px solid #a33}}</style></head><body>
-<h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>
+    return html_page(title, f"""<h1>{html.escape(title)}</h1><p>{html.escape(subtitle)}</p>
 <p>Orange: projects positively on the direction; blue: negatively; hover a token for its value;
 the outlined token is the text's maximum.</p>
-<table><tr><th>#</th><th>max</th><th>token</th><th>text</th></tr>{''.join(rows)}</table>
-</body></html>"""
+<table><tr><th>#</th><th>max</th><th>token</th><th>text</th></tr>{''.join(rows)}</table>""",
+                     css="span.peak{outline:2px solid #a33}")

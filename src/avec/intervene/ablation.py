@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from avec.errors import SteeringError, UnsupportedArchitectureError
-from avec.models.hooks import block_output, replace_block_output
+from avec.models.hooks import block_output, installed_hooks, replace_block_output
 from avec.models.model import Model
 
 Coef = float | Sequence[float] | torch.Tensor
@@ -120,7 +120,6 @@ def run_probe(model: Model, taps: Sequence[tuple[str, nn.Module, str]]) -> dict[
     called with, after other pre-hooks), ``"out"`` (its output after other forward hooks) or
     ``"raw_out"`` (its output before any other forward hook)."""
     seen: dict[str, torch.Tensor] = {}
-    handles = []
 
     def out_hook(key: str) -> Callable[..., None]:
         def hook(_m: nn.Module, _args: Any, output: Any) -> None:
@@ -132,19 +131,15 @@ def run_probe(model: Model, taps: Sequence[tuple[str, nn.Module, str]]) -> dict[
             seen[key] = _hidden_arg(args, kwargs).detach().float().clone()
         return hook
 
-    try:
+    with installed_hooks() as hooks:
         for key, module, kind in taps:
             if kind == "in":
-                handles.append(module.register_forward_pre_hook(in_hook(key), with_kwargs=True))
+                hooks.pre(module, in_hook(key), with_kwargs=True)
             else:
-                handles.append(module.register_forward_hook(out_hook(key),
-                                                            prepend=kind == "raw_out"))
+                hooks.forward(module, out_hook(key), prepend=kind == "raw_out")
         ids = probe_input_ids(model)
         with torch.no_grad():
             model.hf(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
     missing = [key for key, _, _ in taps if key not in seen]
     if missing:
         raise UnsupportedArchitectureError(
@@ -291,14 +286,9 @@ def ablate_direction(model: Model, direction: torch.Tensor,
             return (hidden, *args[1:]), kwargs
         return args, {**kwargs, "hidden_states": hidden}
 
-    handles = []
-    try:
+    with installed_hooks() as hooks:
         if not (isinstance(value, float) and value == 0.0):
-            handles.append(model.blocks[0].register_forward_pre_hook(
-                entry_hook, with_kwargs=True, prepend=True))
+            hooks.pre(model.blocks[0], entry_hook, with_kwargs=True, prepend=True)
             for _name, module in writers:
-                handles.append(module.register_forward_hook(writer_hook, prepend=True))
+                hooks.forward(module, writer_hook, prepend=True)
         yield unit
-    finally:
-        for handle in handles:
-            handle.remove()

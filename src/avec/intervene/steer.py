@@ -30,7 +30,7 @@ from typing import Any, Iterator, Literal, Sequence, Union
 import torch
 
 from avec.errors import SteeringError
-from avec.models.hooks import block_output, replace_block_output
+from avec.models.hooks import block_output, installed_hooks, replace_block_output
 from avec.models.model import Model
 from avec.vector import SteeringVector
 
@@ -306,7 +306,6 @@ def steer(model: Model | Any,
             plans.setdefault(layer, _LayerPlan()).ops.append(
                 (iv, direction, _static_delta(iv, direction, per_token)))
     state = _PositionState()
-    handles = []
 
     def make_hook(layer: int, plan: _LayerPlan) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
@@ -327,17 +326,13 @@ def steer(model: Model | Any,
 
         return hook
 
-    try:
+    with installed_hooks() as hooks:
         if per_token and any(iv.positions != "all" or len(iv.vector.shape) == 2
                              for iv in interventions if not iv.is_noop):
-            handles.append(model.hf.register_forward_pre_hook(
-                lambda _m, args, kwargs: state.update(args, kwargs), with_kwargs=True))
+            hooks.pre(model.hf, lambda _m, args, kwargs: state.update(args, kwargs),
+                      with_kwargs=True)
         for layer, plan in sorted(plans.items()):
             # prepend: run before other forward hooks (transformers' own hidden-state recorders,
             # a user's readers), so every observer of block L's output sees the steered value
-            handles.append(model.blocks[layer].register_forward_hook(make_hook(layer, plan),
-                                                                     prepend=True))
+            hooks.forward(model.blocks[layer], make_hook(layer, plan), prepend=True)
         yield interventions
-    finally:
-        for handle in handles:
-            handle.remove()

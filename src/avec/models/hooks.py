@@ -1,10 +1,61 @@
-"""Small helpers shared by everything that hooks a block's output."""
+"""Hooks on a model's modules: the one context manager that installs and removes them, and the
+helpers that read or replace a block's hidden states.
+
+Every place in avec that registers a PyTorch hook does it through :func:`installed_hooks`, so no
+hook outlives its ``with`` block, also when the body (or a later registration) raises.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+class Hooks:
+    """The hooks registered inside one :func:`installed_hooks` block (removed when it ends)."""
+
+    def __init__(self) -> None:
+        self._handles: list[RemovableHandle] = []
+
+    def forward(self, module: nn.Module, fn: Callable[..., Any], *,
+                prepend: bool = False) -> None:
+        """``module.register_forward_hook(fn, prepend=prepend)``, removed on exit.
+        ``prepend=True`` runs it before hooks already there (e.g. transformers' recorders)."""
+        self._handles.append(module.register_forward_hook(fn, prepend=prepend))
+
+    def pre(self, module: nn.Module, fn: Callable[..., Any], *, prepend: bool = False,
+            with_kwargs: bool = False) -> None:
+        """``module.register_forward_pre_hook(fn, ...)``, removed on exit."""
+        self._handles.append(module.register_forward_pre_hook(
+            fn, prepend=prepend, with_kwargs=with_kwargs))
+
+    def __len__(self) -> int:
+        return len(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook registered so far (newest first)."""
+        while self._handles:
+            self._handles.pop().remove()
+
+
+@contextmanager
+def installed_hooks() -> Iterator[Hooks]:
+    """Register hooks through the yielded :class:`Hooks`; all are removed when the block exits,
+    normally or by an exception.
+
+    >>> with installed_hooks() as hooks:
+    ...     hooks.forward(model.blocks[3], record)
+    ...     model.hf(input_ids)
+    """
+    hooks = Hooks()
+    try:
+        yield hooks
+    finally:
+        hooks.remove()
 
 
 def block_output(output: Any) -> torch.Tensor:

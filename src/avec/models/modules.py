@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from avec.errors import SteeringError, VectorFileError
-from avec.models.hooks import block_output
+from avec.models.hooks import block_output, installed_hooks
 from avec.vector import SteeringVector
 
 
@@ -107,14 +107,11 @@ def read_sites(model: ModuleModel, inputs: Any, layers: Sequence[int] | None = N
         if not 0 <= layer < model.n_layers:
             raise SteeringError(f"layer {layer} out of range 0..{model.n_layers - 1}")
     found: dict[int, torch.Tensor] = {}
-    handles = [model.blocks[L].register_forward_hook(
-        lambda _m, _a, out, L=L: found.__setitem__(L, block_output(out).detach().float().cpu()))
-        for L in layers]
-    try:
+    with installed_hooks() as hooks:
+        for L in layers:
+            hooks.forward(model.blocks[L], lambda _m, _a, out, L=L: found.__setitem__(
+                L, block_output(out).detach().float().cpu()))
         model.module(*inputs) if isinstance(inputs, tuple) else model.module(inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
     return found
 
 

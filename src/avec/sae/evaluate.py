@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from avec.directions.activations import layer_outputs, pad_batch
 from avec.evaluate.top_examples import TopExample, peak_token
-from avec.models.hooks import block_output, replace_block_output
+from avec.models.hooks import block_output, installed_hooks, replace_block_output
 from avec.models.model import Model
 from avec.sae.model import SAEError, SparseAutoencoder
 from avec.sae.steer import check_fit
@@ -29,20 +29,16 @@ def _batch_ce(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, pos: to
               replaced: torch.Tensor, layer: int, splice: Splice | None) -> tuple[float, int]:
     """Summed next-token cross-entropy over the predictions made at ``replaced`` positions
     (that have a next real token), with block ``layer``'s output there set to ``splice(h)``."""
-    handle = None
-    if splice is not None:
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
-            hidden = block_output(output)
-            new = splice(hidden).to(hidden.dtype)
-            return replace_block_output(output, torch.where(replaced.unsqueeze(-1), new, hidden))
+    def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
+        hidden = block_output(output)
+        new = splice(hidden).to(hidden.dtype)
+        return replace_block_output(output, torch.where(replaced.unsqueeze(-1), new, hidden))
 
-        handle = model.blocks[layer].register_forward_hook(hook, prepend=True)
-    try:
+    with installed_hooks() as hooks:
+        if splice is not None:
+            hooks.forward(model.blocks[layer], hook, prepend=True)
         logits = model.hf(input_ids=input_ids, attention_mask=mask, position_ids=pos,
                           use_cache=False).logits
-    finally:
-        if handle is not None:
-            handle.remove()
     predicts = replaced[:, :-1] & mask[:, 1:].bool()  # position t predicts real token t + 1
     ce = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), input_ids[:, 1:],
                          reduction="none")

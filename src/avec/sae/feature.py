@@ -14,20 +14,27 @@ its data cost is reported separately by the comparison.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
-from avec.directions.methods.base import check_pair_tensors
+from avec.directions.methods.base import MethodDefaults, check_pair_tensors
 
 
 @dataclass
-class SAEFeature:
+class SAEFeature(MethodDefaults):
+    """Method ``sae``: the picked latent's decoder row, added like any direction."""
+
+    reads: ClassVar[str] = "latents"
+    needs_sae: ClassVar[bool] = True
     sae: Any  # avec.sae.SparseAutoencoder
     by: str = "selective"  # avec.sae.evaluate.RANKINGS
     name: str = "sae"
     latent_: int | None = field(default=None, init=False)
     score_: float | None = field(default=None, init=False)
+
+    def info(self) -> dict[str, Any]:
+        return {"latent": self.latent_, "selection_score": self.score_}
 
     @torch.no_grad()
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
@@ -48,3 +55,16 @@ class SAEFeature:
         self.latent_ = int(scores.argmax())
         self.score_ = float(scores[self.latent_])
         return self.sae.W_dec[self.latent_].detach().float().cpu().clone()
+
+
+@dataclass
+class SAEClamp(SAEFeature):
+    """Method ``sae_clamp``: the same latent, clamped inside the SAE with its error term kept
+    (:func:`avec.sae.steer_features`) instead of added."""
+
+    applies: ClassVar[str] = "clamp"
+    name: str = "sae_clamp"
+
+
+SAE_METHODS: dict[str, type] = {"sae": SAEFeature, "sae_clamp": SAEClamp}
+"""The SAE-feature methods; both need ``sae=``."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from avec.models.hooks import block_output, replace_block_output
+from avec.models.hooks import block_output, installed_hooks, replace_block_output
 from avec.models.model import Model
 from avec.sae.model import SAEError, SparseAutoencoder
 from avec.vector import SteeringVector
@@ -101,11 +101,9 @@ def steer_features(model: Model, sae: SparseAutoencoder, layer: int, *,
             steered = steered + static
         return replace_block_output(output, steered)
 
-    handle = model.blocks[layer].register_forward_hook(hook, prepend=True)
-    try:
+    with installed_hooks() as hooks:
+        hooks.forward(model.blocks[layer], hook, prepend=True)
         yield
-    finally:
-        handle.remove()
 
 
 def feature_vector(sae: SparseAutoencoder, latent: int, layer: int | None = None,

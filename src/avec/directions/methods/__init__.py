@@ -6,10 +6,10 @@ direction (ActAdd: ``[T, d]`` per-position activations and a ``[T, d]`` block).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from avec.directions.methods.actadd import ActAdd
-from avec.directions.methods.base import Method
+from avec.directions.methods.base import Method, MethodDefaults, make_method
 from avec.directions.methods.mean_diff import MeanDiff
 from avec.directions.methods.pca import PCA
 from avec.directions.methods.probe import Probe
@@ -17,14 +17,13 @@ from avec.directions.methods.random_direction import RandomDirection
 
 METHODS: dict[str, type] = {"mean_diff": MeanDiff, "pca": PCA, "probe": Probe,
                             "random": RandomDirection, "actadd": ActAdd}
-PAIRWISE_METHODS = ("mean_diff", "pca", "probe", "random")
+PAIRWISE_METHODS = tuple(n for n, cls in METHODS.items() if cls.reads == "activations")
 
 
-def get_method(name: str, **options: Any) -> Method:
-    if name not in METHODS:
-        raise ValueError(f"unknown method {name!r}; available: {sorted(METHODS)}")
-    return METHODS[name](**options)
+def get_method(name: str, *, context: Mapping[str, Any] | None = None, **options: Any) -> Method:
+    """A core method by name (``METHODS``), see :func:`~avec.directions.methods.base.make_method`."""
+    return make_method(METHODS, name, context=context, **options)
 
 
-__all__ = ["METHODS", "PAIRWISE_METHODS", "ActAdd", "MeanDiff", "Method", "PCA", "Probe",
-           "RandomDirection", "get_method"]
+__all__ = ["METHODS", "PAIRWISE_METHODS", "ActAdd", "MeanDiff", "Method", "MethodDefaults", "PCA", "Probe",
+           "RandomDirection", "get_method", "make_method"]

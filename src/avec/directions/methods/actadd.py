@@ -9,13 +9,18 @@ length). It is injected at the front positions 0..T-1 of the prompt being steere
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
+from avec.directions.methods.base import MethodDefaults
+
 
 @dataclass(frozen=True)
-class ActAdd:
+class ActAdd(MethodDefaults):
     name: str = "actadd"
+    reads: ClassVar[str] = "tokens"
+    pairs_needed: ClassVar[int | None] = 1
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         """``positive``/``negative``: ``[T, d]`` activations of the two prompts, position by position."""

@@ -6,11 +6,11 @@ from dataclasses import dataclass
 
 import torch
 
-from avec.directions.methods.base import check_pair_tensors
+from avec.directions.methods.base import MethodDefaults, check_pair_tensors
 
 
 @dataclass(frozen=True)
-class MeanDiff:
+class MeanDiff(MethodDefaults):
     name: str = "mean_diff"
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:

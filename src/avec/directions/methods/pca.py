@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from avec.directions.methods.base import check_pair_tensors
+from avec.directions.methods.base import MethodDefaults, check_pair_tensors
 from avec.directions.methods.scaling import scale_to_mean_projection
 
 
 @dataclass(frozen=True)
-class PCA:
+class PCA(MethodDefaults):
     name: str = "pca"
     center: bool = False  # True only to reproduce the centred variant for comparison
 

@@ -13,12 +13,12 @@ from dataclasses import dataclass
 
 import torch
 
-from avec.directions.methods.base import check_pair_tensors
+from avec.directions.methods.base import MethodDefaults, check_pair_tensors
 from avec.directions.methods.scaling import scale_to_mean_projection
 
 
 @dataclass(frozen=True)
-class Probe:
+class Probe(MethodDefaults):
     name: str = "probe"
     C: float = 1.0  # inverse regularisation strength, as in scikit-learn
     max_iter: int = 200

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-from avec.directions.methods.base import check_pair_tensors
+from avec.directions.methods.base import MethodDefaults, check_pair_tensors
 
 
 @dataclass(frozen=True)
-class RandomDirection:
+class RandomDirection(MethodDefaults):
     name: str = "random"
     seed: int = 0
+
+    def info(self) -> dict[str, Any]:
+        return {"seed": self.seed}
 
     def fit(self, positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
         check_pair_tensors(positive, negative)

@@ -4,10 +4,11 @@ policy's expected move (probability-weighted sum of up/down/left/right)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 
+from avec.report import pyplot, save_figure
 from avec.studies.maze.env import Cell, render
 from avec.studies.maze.field import VectorField
 
@@ -19,29 +20,11 @@ def _arrows(field: VectorField) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     return cols, rows, p[:, 3] - p[:, 2], p[:, 1] - p[:, 0]  # x, y, dx (right), dy (down)
 
 
-def _pyplot() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig: Any, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    _pyplot().close(fig)
-    return out
-
-
 def plot_fields(panels: Sequence[tuple[str, VectorField]], out: str | Path,
                 marks: dict[str, Cell] | None = None, diff: bool = True) -> Path:
     """One panel per (title, field), plus the difference of the last two if ``diff``.
     ``marks`` labels cells (e.g. ``{"decision square": (r, c)}``)."""
-    plt = _pyplot()
+    plt = pyplot()
     n = len(panels) + (1 if diff and len(panels) >= 2 else 0)
     fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 4.4), squeeze=False)
     items: list[tuple[str, VectorField, np.ndarray | None]] = [(t, f, None) for t, f in panels]
@@ -63,15 +46,15 @@ def plot_fields(panels: Sequence[tuple[str, VectorField]], out: str | Path,
         ax.set_title(title, fontsize=10)
         ax.set_xticks([])
         ax.set_yticks([])
-    return _save(fig, out)
+    return save_figure(fig, out, dpi=110)
 
 
 def plot_distribution(values: dict[str, Sequence[float]], title: str, out: str | Path) -> Path:
     """Box plots of a per-maze quantity under several conditions."""
-    fig, ax = _pyplot().subplots(figsize=(1.6 * len(values) + 2, 3.6))
+    fig, ax = pyplot().subplots(figsize=(1.6 * len(values) + 2, 3.6))
     ax.boxplot(list(values.values()), showmeans=False)
     ax.set_xticks(range(1, len(values) + 1), list(values), rotation=20, fontsize=8)
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, out)
+    return save_figure(fig, out, dpi=110)

@@ -5,7 +5,6 @@ else changed (KL on harmless prompts, perplexity of reference essays)."""
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
@@ -15,6 +14,7 @@ from tqdm.auto import tqdm
 from avec.evaluate.side_effects import perplexity
 from avec.generation.hf import format_prompt, steered_completions
 from avec.models.model import Model
+from avec.report import write_json
 from avec.evaluate.refusal import is_refusal
 from avec.studies.refusal.select import last_logits, mean_kl
 from avec.vector import SteeringVector
@@ -132,8 +132,7 @@ def write_results(results: Sequence[ConditionResult], out_dir: str | Path,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": str(out / "refusal_eval.json"), "md": str(out / "refusal_eval.md")}
-    Path(paths["json"]).write_text(json.dumps(
-        {"settings": settings or {}, "results": [asdict(r) for r in results]}, indent=2,
-        ensure_ascii=False) + "\n")
+    write_json(paths["json"], {"settings": settings or {},
+                               "results": [asdict(r) for r in results]})
     Path(paths["md"]).write_text(results_table(results) + "\n")
     return paths

@@ -17,8 +17,6 @@ probability; those tokens are read off the model's own refusals, not hard-coded.
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -30,9 +28,10 @@ from tqdm.auto import tqdm
 
 from avec.directions.activations import forward_until, pad_batch
 from avec.errors import SteeringError
+from avec.evaluate.refusal import is_refusal
 from avec.generation.hf import format_prompt, generate_ids
 from avec.models.model import Model
-from avec.evaluate.refusal import is_refusal
+from avec.report import heatmap, write_csv, write_json
 from avec.vector import SteeringVector
 
 PLACEHOLDER = "\x00INSTRUCTION\x00"
@@ -306,35 +305,24 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
 def write_candidates(candidates: Sequence[Candidate], path: str | Path,
                      chosen: Candidate | None = None) -> Path:
     """The candidate table as CSV (one row per layer x position, scores and why discarded)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["layer", "position", "token", "norm", "bypass", "induce", "kl",
-                         "discarded", "chosen"])
-        for c in candidates:
-            writer.writerow([c.layer, c.position, c.token, f"{c.norm:.4f}",
-                             "" if c.bypass is None else f"{c.bypass:.4f}",
-                             "" if c.induce is None else f"{c.induce:.4f}",
-                             "" if c.kl is None else f"{c.kl:.4f}", c.discarded or "",
-                             int(c is chosen)])
-    return path
+    return write_csv(path, ["layer", "position", "token", "norm", "bypass", "induce", "kl",
+                            "discarded", "chosen"],
+                     ([c.layer, c.position, c.token, f"{c.norm:.4f}",
+                       "" if c.bypass is None else f"{c.bypass:.4f}",
+                       "" if c.induce is None else f"{c.induce:.4f}",
+                       "" if c.kl is None else f"{c.kl:.4f}", c.discarded or "",
+                       int(c is chosen)] for c in candidates))
 
 
 def write_selection(sel: Selection, out_dir: str | Path) -> dict[str, str]:
     """``refusal_direction.safetensors``, ``candidates.json``/``.csv`` and
     ``candidates.png`` (bypass score per layer x position) in ``out_dir``."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"vector": str(sel.vector.save(out / "refusal_direction.safetensors")),
              "json": str(out / "candidates.json"), "csv": str(out / "candidates.csv"),
              "png": str(out / "candidates.png")}
-    Path(paths["json"]).write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
+    write_json(paths["json"], sel.to_dict())
     write_candidates(sel.candidates, paths["csv"], sel.chosen)
     positions = sorted({c.position for c in sel.candidates})
     layers = sorted({c.layer for c in sel.candidates})
@@ -342,24 +330,15 @@ def write_selection(sel: Selection, out_dir: str | Path) -> dict[str, str]:
     for c in sel.candidates:
         if c.bypass is not None:
             grid[positions.index(c.position), layers.index(c.layer)] = c.bypass
-    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(layers)), 1.2 + 0.5 * len(positions)))
-    im = ax.imshow(grid.numpy(), aspect="auto", cmap="viridis_r")
     tok = {c.position: c.token for c in sel.candidates}
-    ax.set_yticks(range(len(positions)), [f"{p} {tok[p]!r}" for p in positions])
-    ax.set_xticks(range(len(layers)), [str(L) for L in layers], fontsize=7)
-    ax.set_xlabel("layer (block output)")
-    for c in sel.candidates:
-        if c.discarded and c.bypass is not None:
-            ax.text(layers.index(c.layer), positions.index(c.position), "x", ha="center",
-                    va="center", color="white", fontsize=7)
-    ax.scatter([layers.index(sel.chosen.layer)], [positions.index(sel.chosen.position)],
-               marker="*", s=160, color="red")
-    ax.set_title("bypass score (refusal log-odds on harmful prompts under ablation; lower = "
-                 "better)\nx: discarded (KL or induce), *: chosen, blank: last 20% of layers",
-                 fontsize=9)
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(paths["png"], dpi=120)
-    plt.close(fig)
+    heatmap(grid.tolist(), paths["png"], rows=[f"{p} {tok[p]!r}" for p in positions], cols=layers,
+            xlabel="layer (block output)", cmap="viridis_r", annotate=None,
+            marks=[(positions.index(c.position), layers.index(c.layer), "x")
+                   for c in sel.candidates if c.discarded and c.bypass is not None],
+            star=(positions.index(sel.chosen.position), layers.index(sel.chosen.layer)),
+            figsize=(max(6, 0.35 * len(layers)), 1.2 + 0.5 * len(positions)), tick_fontsize=7,
+            title="bypass score (refusal log-odds on harmful prompts under ablation; lower = "
+                  "better)\nx: discarded (KL or induce), *: chosen, blank: last 20% of layers",
+            title_fontsize=9)
     return paths
 
