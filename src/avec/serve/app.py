@@ -39,9 +39,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from avec.errors import AvecError
+from avec.models.model import Model
 from avec.serve.engine import Engine, Generation, GenerationResult, Limits
 from avec.serve.errors import ERROR_TYPES, ServeError, safe_text
-from avec.serve.registry import RegistryError, describe
+from avec.serve.registry import RegistryError, VectorRegistry, describe
 from avec.serve.schemas import ChatCompletionRequest
 from avec.serve.text import cut_at_stop, streamable
 
@@ -150,12 +151,18 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
     engine's."""
     check_api_key(api_key)
     limits = limits or engine.limits
-    model = engine.model
-    registry = engine.registry
-    created = int(time.time())
     app = FastAPI(title="avec", description="OpenAI-compatible chat completions with "
                   "per-request activation steering (the `steering` field).")
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
+    _add_error_handlers(app)
+    check_model = _add_model_routes(app, model_id)
+    _add_chat_route(app, engine, limits, check_model)
+    _add_vector_routes(app, engine.registry)
+    return app
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    """Every error leaves as an OpenAI-style JSON error body."""
 
     @app.exception_handler(ServeError)
     async def _api_error(_request: Request, exc: ServeError) -> JSONResponse:
@@ -174,6 +181,11 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
     async def _crash(_request: Request, exc: Exception) -> JSONResponse:
         return error_response(500, f"internal error ({type(exc).__name__}); the server log "
                               f"has the details")
+
+
+def _add_model_routes(app: FastAPI, model_id: str) -> Callable[[str], None]:
+    """The playground page and ``/v1/models``; returns the check a request's ``model`` passes."""
+    created = int(time.time())
 
     def model_card() -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": created, "owned_by": "avec"}
@@ -201,37 +213,51 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
         check_model(name)
         return model_card()
 
-    def prompt_ids(req: ChatCompletionRequest) -> list[int]:
-        """The chat-templated prompt's token ids (run in a worker thread)."""
-        messages = [{"role": m.role, "content": m.text()} for m in req.messages]
-        if model.has_chat_template:
-            try:
-                text = model.tokenizer.apply_chat_template(
-                    messages, add_generation_prompt=True, tokenize=False)
-            except Exception as exc:  # e.g. a template that wants alternating roles
-                raise APIError(400, f"the messages do not fit this model's chat template: "
-                               f"{type(exc).__name__}: {exc}", param="messages") from None
-        else:
-            text = "\n".join(m["content"] for m in messages)
-        return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return check_model
+
+
+def _prompt_ids(model: Model, req: ChatCompletionRequest) -> list[int]:
+    """The chat-templated prompt's token ids (run in a worker thread)."""
+    messages = [{"role": m.role, "content": m.text()} for m in req.messages]
+    if model.has_chat_template:
+        try:
+            text = model.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # e.g. a template that wants alternating roles
+            raise APIError(400, f"the messages do not fit this model's chat template: "
+                           f"{type(exc).__name__}: {exc}", param="messages") from None
+    else:
+        text = "\n".join(m["content"] for m in messages)
+    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _max_tokens(req: ChatCompletionRequest, limits: Limits) -> int:
+    """The request's token budget, checked against the server's limits (before tokenizing)."""
+    if req.top_p not in (None, 1):
+        raise APIError(400, f"top_p={req.top_p}: nucleus sampling is not supported; omit "
+                       f"top_p (or set 1) and use temperature", param="top_p")
+    max_tokens = req.max_tokens or req.max_completion_tokens or min(
+        limits.default_max_tokens, limits.max_tokens)
+    if max_tokens > limits.max_tokens:
+        raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of "
+                       f"{limits.max_tokens}", param="max_tokens")
+    chars = req.prompt_chars()
+    if chars > limits.max_prompt_chars:
+        raise APIError(400, f"the messages have {chars} characters; the limit is "
+                       f"{limits.max_prompt_chars}", param="messages")
+    return max_tokens
+
+
+def _add_chat_route(app: FastAPI, engine: Engine, limits: Limits,
+                    check_model: Callable[[str], None]) -> None:
+    model = engine.model
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(req: ChatCompletionRequest, request: Request) -> Any:
         check_model(req.model)
-        if req.top_p not in (None, 1):
-            raise APIError(400, f"top_p={req.top_p}: nucleus sampling is not supported; omit "
-                           f"top_p (or set 1) and use temperature", param="top_p")
-        max_tokens = req.max_tokens or req.max_completion_tokens or min(
-            limits.default_max_tokens, limits.max_tokens)
-        if max_tokens > limits.max_tokens:
-            raise APIError(400, f"max_tokens={max_tokens} exceeds this server's limit of "
-                           f"{limits.max_tokens}", param="max_tokens")
-        chars = req.prompt_chars()
-        if chars > limits.max_prompt_chars:
-            raise APIError(400, f"the messages have {chars} characters; the limit is "
-                           f"{limits.max_prompt_chars}", param="messages")
+        max_tokens = _max_tokens(req, limits)
         engine.check_capacity()
-        ids = await run_in_threadpool(prompt_ids, req)
+        ids = await run_in_threadpool(_prompt_ids, model, req)
         if len(ids) > limits.max_prompt_tokens:
             raise APIError(400, f"the prompt has {len(ids)} tokens; the limit is "
                            f"{limits.max_prompt_tokens}", param="messages")
@@ -264,6 +290,10 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
                              "finish_reason": result.finish_reason, "logprobs": None}],
                 "usage": _usage(result)}
+
+
+def _add_vector_routes(app: FastAPI, registry: VectorRegistry) -> None:
+    """List, describe, upload and delete the server's named vectors."""
 
     @app.get("/v1/vectors")
     async def list_vectors() -> dict[str, Any]:
@@ -313,8 +343,6 @@ def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "d
         except RegistryError as exc:
             raise APIError(exc.status, str(exc)) from None
         return {"name": name, "object": "vector", "deleted": True}
-
-    return app
 
 
 def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> None:
