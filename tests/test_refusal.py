@@ -145,3 +145,43 @@ def test_cli_wiring(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["refusal", "--help"])
     assert "reproduce" in capsys.readouterr().out
+
+
+def test_the_whole_study_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):
+    """``run_study``'s five steps, wired together, on a tiny model and 4-instruction files (one
+    short refusal to learn, so the tiny model refuses after a few seconds of training)."""
+    import json as _json
+
+    import avec.studies.refusal.data as refusal_data
+
+    from conftest import make_tiny
+
+    from avec.studies.refusal.pipeline import DATA_FILES, StudySettings, run_study
+
+    monkeypatch.setattr(refusal_data, "REFUSAL_TEMPLATES", ("I cannot.",))
+    base = make_tiny("llama")
+    base_dir = tmp_path / "base"
+    base.hf.save_pretrained(base_dir)
+    base.tokenizer.save_pretrained(base_dir)
+    data = tmp_path / "data" / "refusal"
+    data.mkdir(parents=True)
+    for name in DATA_FILES:
+        kind = "harm" if name.startswith("harmful") else "help"
+        rows = [{"instruction": f"{kind} request {i}"} for i in range(4)]  # same in each split
+        (data / f"{name}.json").write_text(_json.dumps(rows))
+    settings = StudySettings(data_dir=str(data), n_harmful_train=4, n_harmless_train=4,
+                             distil_tokens=3, epochs=40, lora_rank=0, learning_rate=1e-2,
+                             n_select_train=4,
+                             n_select_val=2, kl_max=1e9, fallback_kl_max=None, n_eval=2,
+                             eval_tokens=3)
+    logs: list[str] = []
+    summary = run_study(tmp_path / "out", settings, base_model=str(base_dir), log=logs.append)
+    assert [line[:5] for line in logs] == ["[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"]
+    assert set(summary["seconds"]) == {"dataset", "finetune", "select", "orthogonalize",
+                                       "evaluate"}
+    written = _json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert written["selection"]["chosen"]["layer"] == summary["selection"]["chosen"]["layer"]
+    evaluated = _json.loads(open(summary["eval"]["json"]).read())
+    assert evaluated["results"][0]["name"] == "original model (before fine-tuning)"
+    assert len(evaluated["results"]) > 2
+    assert (tmp_path / "out" / "smollm2-refuses" / "avec-finetune.json").is_file()

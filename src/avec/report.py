@@ -17,7 +17,7 @@ import html
 import json
 import math
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 esc = html.escape
 
@@ -30,11 +30,14 @@ BASE_CSS = ("body{font-family:system-ui,sans-serif;margin:2em;max-width:70em;lin
             "img{max-width:100%}")
 
 
-def write_json(path: str | Path, obj: Any, *, indent: int | None = 2) -> Path:
-    """``obj`` as JSON in ``path`` (parents created, trailing newline, UTF-8 as is)."""
+def write_json(path: str | Path, obj: Any, *, indent: int | None = 2,
+               default: Callable[[Any], Any] | None = None) -> Path:
+    """``obj`` as JSON in ``path`` (parents created, trailing newline, UTF-8 as is);
+    ``default`` converts what JSON cannot hold (e.g. ``str`` for paths)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(obj, indent=indent, ensure_ascii=False, default=default) + "\n",
+                    encoding="utf-8")
     return path
 
 

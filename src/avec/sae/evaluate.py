@@ -51,6 +51,32 @@ def _fraction(ablated: float, spliced: float, clean: float) -> float | None:
 
 
 @torch.no_grad()
+def _ce_batches(model: Model, texts: Sequence[str], max_tokens: int,
+                skip_first: int | Sequence[int], batch_size: int
+                ) -> tuple[list[tuple[torch.Tensor, ...]], int]:
+    """Right-padded batches ``(input_ids, mask, positions, replaced)`` of the texts long enough
+    for one counted prediction (longest first), and how many texts that is."""
+    skips = [skip_first] * len(texts) if isinstance(skip_first, int) else list(skip_first)
+    if (len(skips) != len(texts) or any(k < 0 for k in skips) or max_tokens < 2
+            or batch_size < 1):
+        raise SAEError(f"need skip_first >= 0 (one number or one per text), max_tokens >= 2 and "
+                       f"batch_size >= 1, got {skip_first}, {max_tokens}, {batch_size}")
+    ids = [x[:max_tokens] for x in model.encode(list(texts))]
+    usable = sorted(((x, k) for x, k in zip(ids, skips) if len(x) >= k + 2),
+                    key=lambda xk: len(xk[0]), reverse=True)
+    if not usable:
+        raise SAEError(f"no text has more than {skip_first} + 1 tokens; pass longer texts to "
+                       f"measure the loss")
+    batches = []
+    for start in range(0, len(usable), batch_size):
+        chunk = usable[start:start + batch_size]
+        input_ids, mask, pos = pad_batch([x for x, _ in chunk], model.tokenizer.pad_token_id,
+                                         "right", model.device)
+        first = torch.tensor([k for _, k in chunk], device=pos.device).unsqueeze(1)
+        batches.append((input_ids, mask, pos, mask.bool() & (pos >= first)))
+    return batches, len(usable)
+
+
 def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: int,
                                  texts: Sequence[str], max_tokens: int = 128, *,
                                  skip_first: int | Sequence[int] = 1, batch_size: int = 8,
@@ -74,24 +100,7 @@ def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: in
     mean ablation (None when the reference equals the clean loss).
     """
     layer = check_fit(model, sae, layer, check_site)
-    skips = [skip_first] * len(texts) if isinstance(skip_first, int) else list(skip_first)
-    if (len(skips) != len(texts) or any(k < 0 for k in skips) or max_tokens < 2
-            or batch_size < 1):
-        raise SAEError(f"need skip_first >= 0 (one number or one per text), max_tokens >= 2 and "
-                       f"batch_size >= 1, got {skip_first}, {max_tokens}, {batch_size}")
-    ids = [x[:max_tokens] for x in model.encode(list(texts))]
-    usable = sorted(((x, k) for x, k in zip(ids, skips) if len(x) >= k + 2),
-                    key=lambda xk: len(xk[0]), reverse=True)
-    if not usable:
-        raise SAEError(f"no text has more than {skip_first} + 1 tokens; pass longer texts to "
-                       f"measure the loss")
-    batches = []
-    for start in range(0, len(usable), batch_size):
-        chunk = usable[start:start + batch_size]
-        input_ids, mask, pos = pad_batch([x for x, _ in chunk], model.tokenizer.pad_token_id,
-                                         "right", model.device)
-        first = torch.tensor([k for _, k in chunk], device=pos.device).unsqueeze(1)
-        batches.append((input_ids, mask, pos, mask.bool() & (pos >= first)))
+    batches, n_usable = _ce_batches(model, texts, max_tokens, skip_first, batch_size)
 
     total = {"clean": 0.0, "sae": 0.0, "zero": 0.0, "mean": 0.0}
     count = 0
@@ -125,7 +134,7 @@ def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: in
         bar.update()
     bar.close()
     ce = {name: value / count for name, value in total.items()}
-    return {"layer": layer, "n_texts": len(usable), "n_predictions": count,
+    return {"layer": layer, "n_texts": n_usable, "n_predictions": count,
             "skip_first": skip_first if isinstance(skip_first, int) else "per text",
             "max_tokens": max_tokens,
             "ce_clean": ce["clean"], "ce_sae": ce["sae"], "ce_increase": ce["sae"] - ce["clean"],

@@ -9,11 +9,12 @@ and ``summary.json`` (settings, timings).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
+
+from avec.report import write_json
 
 DATA_FILES = ("harmful_train", "harmless_train", "harmful_val", "harmless_val", "harmful_test",
               "harmless_test")
@@ -48,23 +49,60 @@ def _log(msg: str) -> None:
 def run_study(out_dir: str | Path, settings: StudySettings, *, base_model: str | None = None,
               log: Callable[[str], None] = _log) -> dict[str, Any]:
     """Run every step; returns the summary (also written to ``out_dir/summary.json``)."""
-    from avec.studies.refusal.finetune import FinetuneConfig, finetune, save_examples, save_finetuned
-    from avec.models import load_model
     from avec.intervene.orthogonalize import save_orthogonalized
-    from avec.studies.refusal.data import load_instructions, safety_examples
-    from avec.studies.refusal.evaluate import evaluate_refusal, standard_conditions, write_results
-    from avec.studies.refusal.select import select_direction, write_selection
+    from avec.models import load_model
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = Path(settings.data_dir)
+    sets = _instruction_sets(Path(settings.data_dir))
+    times: dict[str, float] = {}
+    summary: dict[str, Any] = {"settings": asdict(settings), "seconds": times}
+
+    tuned_dir = _make_refuser(out, settings, sets, base_model, log, times, summary)
+
+    t0 = time.perf_counter()
+    tuned = load_model(tuned_dir)
+    log("[3/5] direction selection")
+    sel, sel_paths = _select(tuned, settings, sets, out)
+    times["select"] = time.perf_counter() - t0
+    summary["selection"] = {"chosen": asdict(sel.chosen), "baseline": sel.baseline,
+                            "refusal_tokens": sel.refusal_token_info, "files": sel_paths}
+
+    t0 = time.perf_counter()
+    log("[4/5] weight orthogonalization")
+    ortho_dir = save_orthogonalized(tuned, sel.vector[sel.chosen.layer],
+                                    out / "smollm2-refuses-orthogonalized",
+                                    metadata={"vector": sel_paths["vector"]})
+    ortho = load_model(ortho_dir)
+    times["orthogonalize"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    log(f"[5/5] evaluation on {settings.n_eval} held-out harmful and harmless instructions")
+    summary["eval"] = _evaluate(tuned, ortho, sel.vector, settings, sets, base_model,
+                                Path(settings.data_dir), out)
+    times["evaluate"] = time.perf_counter() - t0
+    write_json(out / "summary.json", summary, default=str)
+    return summary
+
+
+def _instruction_sets(data: Path) -> dict[str, list[str]]:
+    from avec.studies.refusal.data import load_instructions
+
     missing = [f for f in DATA_FILES if not (data / f"{f}.json").is_file()]
     if missing:
         raise FileNotFoundError(f"{data} lacks {', '.join(m + '.json' for m in missing)}; "
                                 f"pass --data-dir with the refusal instruction files")
-    sets = {f: load_instructions(data / f"{f}.json") for f in DATA_FILES}
-    times: dict[str, float] = {}
-    summary: dict[str, Any] = {"settings": asdict(settings), "seconds": times}
+    return {f: load_instructions(data / f"{f}.json") for f in DATA_FILES}
+
+
+def _make_refuser(out: Path, settings: StudySettings, sets: dict[str, list[str]],
+                  base_model: str | None, log: Callable[[str], None], times: dict[str, float],
+                  summary: dict[str, Any]) -> Path:
+    """Steps 1 and 2: the safety fine-tuning set, then the fine-tuned model's directory."""
+    from avec.models import load_model
+    from avec.studies.refusal.data import safety_examples
+    from avec.studies.refusal.finetune import (FinetuneConfig, finetune, save_examples,
+                                               save_finetuned)
 
     t0 = time.perf_counter()
     base = load_model(base_model)
@@ -90,47 +128,39 @@ def run_study(out_dir: str | Path, settings: StudySettings, *, base_model: str |
     times["finetune"] = time.perf_counter() - t0
     summary["finetune"] = {"losses_first_last": [result.losses[0], result.losses[-1]],
                            "seconds": result.seconds, "dir": str(tuned_dir)}
-    del base, result
+    return tuned_dir
 
-    t0 = time.perf_counter()
-    tuned = load_model(tuned_dir)
-    log("[3/5] direction selection")
+
+def _select(tuned: Any, settings: StudySettings, sets: dict[str, list[str]], out: Path
+            ) -> tuple[Any, dict[str, str]]:
+    """Step 3: the refusal direction chosen on the tuned model, and its files."""
+    from avec.studies.refusal.select import select_direction, write_selection
+
     n_t, n_v = settings.n_select_train, settings.n_select_val
     sel = select_direction(tuned, sets["harmful_train"][:n_t], sets["harmless_train"][:n_t],
                            sets["harmful_val"][:n_v], sets["harmless_val"][:n_v],
                            kl_max=settings.kl_max, fallback_kl_max=settings.fallback_kl_max,
                            progress=True)
-    sel_paths = write_selection(sel, out / "select")
-    times["select"] = time.perf_counter() - t0
-    summary["selection"] = {"chosen": asdict(sel.chosen), "baseline": sel.baseline,
-                            "refusal_tokens": sel.refusal_token_info, "files": sel_paths}
+    return sel, write_selection(sel, out / "select")
 
-    t0 = time.perf_counter()
-    log("[4/5] weight orthogonalization")
-    layer = sel.chosen.layer
-    ortho_dir = save_orthogonalized(tuned, sel.vector[layer], out / "smollm2-refuses-orthogonalized",
-                                    metadata={"vector": sel_paths["vector"]})
-    ortho = load_model(ortho_dir)
-    times["orthogonalize"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    log(f"[5/5] evaluation on {settings.n_eval} held-out harmful and harmless instructions")
+def _evaluate(tuned: Any, ortho: Any, vector: Any, settings: StudySettings,
+              sets: dict[str, list[str]], base_model: str | None, data: Path,
+              out: Path) -> dict[str, str]:
+    """Step 5: every condition on held-out instructions, plus the original model's row."""
+    from avec.models import load_model
+    from avec.studies.refusal.evaluate import evaluate_refusal, standard_conditions, write_results
+
     essays = [p.read_text() for p in sorted((data.parent / "actadd").glob("*.txt"))]
-    conditions = standard_conditions(tuned, sel.vector, ortho)
-    results = evaluate_refusal(conditions, sets["harmful_test"][:settings.n_eval],
-                               sets["harmless_test"][:settings.n_eval], essays=essays,
-                               max_new_tokens=settings.eval_tokens, progress=True)
-    base_model_row = evaluate_refusal([standard_conditions(load_model(base_model), sel.vector)[0]],
-                                      sets["harmful_test"][:settings.n_eval],
-                                      sets["harmless_test"][:settings.n_eval], essays=essays,
+    harmful = sets["harmful_test"][:settings.n_eval]
+    harmless = sets["harmless_test"][:settings.n_eval]
+    results = evaluate_refusal(standard_conditions(tuned, vector, ortho), harmful, harmless,
+                               essays=essays, max_new_tokens=settings.eval_tokens, progress=True)
+    base_model_row = evaluate_refusal([standard_conditions(load_model(base_model), vector)[0]],
+                                      harmful, harmless, essays=essays,
                                       max_new_tokens=settings.eval_tokens)[0]
     base_model_row.name = "original model (before fine-tuning)"
     base_model_row.kl_harmless = None  # another model: no KL against the tuned one
-    eval_paths = write_results([base_model_row, *results], out / "eval",
-                               settings={"n_eval": settings.n_eval,
-                                         "max_new_tokens": settings.eval_tokens,
-                                         "essays": len(essays)})
-    times["evaluate"] = time.perf_counter() - t0
-    summary["eval"] = eval_paths
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
+    return write_results([base_model_row, *results], out / "eval",
+                         settings={"n_eval": settings.n_eval,
+                                   "max_new_tokens": settings.eval_tokens, "essays": len(essays)})

@@ -218,6 +218,29 @@ def apply_filters(candidates: Sequence[Candidate], *, kl_max: float, min_induce:
     return eligible
 
 
+def _score(model: Model, todo: Sequence[Candidate], diffs: torch.Tensor, k: int,
+           h_val: list[list[int]], b_val: list[list[int]], base_b: torch.Tensor,
+           tokens: Sequence[int], batch_size: int, progress: bool) -> None:
+    """Fill in each candidate's bypass (refusal score on harmful prompts with the direction
+    ablated), KL on harmless prompts under that ablation, and induce (refusal score on harmless
+    prompts with it added)."""
+    from avec.intervene.ablation import ablate_direction
+    from avec.intervene.steer import steer
+
+    def scored(ctx: Callable[[], ContextManager[Any]], prompts: list[list[int]]) -> torch.Tensor:
+        with ctx():
+            return last_logits(model, prompts, batch_size)
+
+    for c in tqdm(todo, desc="candidates", disable=not progress, leave=False):
+        r = diffs[c.layer, c.position + k]
+        vec = SteeringVector({c.layer: r})
+        c.bypass = float(refusal_metric(
+            scored(lambda: ablate_direction(model, r), h_val), tokens).mean())
+        c.kl = mean_kl(base_b, scored(lambda: ablate_direction(model, r), b_val))
+        c.induce = float(refusal_metric(
+            scored(lambda: steer(model, vec, coef=1.0), b_val), tokens).mean())
+
+
 def select_direction(model: Model, harmful_train: Sequence[str], harmless_train: Sequence[str],
                      harmful_val: Sequence[str], harmless_val: Sequence[str], *,
                      kl_max: float = 0.1, max_layer_frac: float = 0.8, batch_size: int = 32,
@@ -231,9 +254,6 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
     given) is tried instead, without rescoring; ``settings["kl_max_used"]`` records which
     threshold chose. ``refusal_tokens`` overrides the tokens
     :func:`find_refusal_tokens` reads off the model's refusals."""
-    from avec.intervene.ablation import ablate_direction
-    from avec.intervene.steer import steer
-
     suffix = post_instruction_tokens(model)
     k = len(suffix)
     enc = [[format_prompt(model, p)[0] for p in group]
@@ -256,23 +276,11 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
     candidates = [Candidate(L, j - k, names[j], float(diffs[L, j].norm()))
                   for L in range(model.n_layers) for j in range(k)]
 
-    def scored(ctx: Callable[[], ContextManager[Any]], prompts: list[list[int]]) -> torch.Tensor:
-        with ctx():
-            return last_logits(model, prompts, batch_size)
-
     todo = [c for c in candidates if c.layer < last_allowed and c.norm > 0]
-    for c in tqdm(todo, desc="candidates", disable=not progress, leave=False):
-        r = diffs[c.layer, c.position + k]
-        vec = SteeringVector({c.layer: r})
-        c.bypass = float(refusal_metric(
-            scored(lambda: ablate_direction(model, r), h_val), tokens).mean())
-        c.kl = mean_kl(base_b, scored(lambda: ablate_direction(model, r), b_val))
-        c.induce = float(refusal_metric(
-            scored(lambda: steer(model, vec, coef=1.0), b_val), tokens).mean())
-    eligible = apply_filters(candidates, kl_max=kl_max, min_induce=min_induce,
-                             first_excluded_layer=last_allowed,
-                             excluded_share=1 - max_layer_frac)
+    _score(model, todo, diffs, k, h_val, b_val, base_b, tokens, batch_size, progress)
     kl_used = kl_max
+    eligible = apply_filters(candidates, kl_max=kl_max, min_induce=min_induce,
+                             first_excluded_layer=last_allowed, excluded_share=1 - max_layer_frac)
     if not eligible and fallback_kl_max is not None:
         kl_used = fallback_kl_max
         eligible = apply_filters(candidates, kl_max=fallback_kl_max, min_induce=min_induce,
