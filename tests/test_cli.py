@@ -192,3 +192,28 @@ def test_compare_argument_errors(capsys, tmp_path, model_dir):
     code, _, err = run(capsys, "compare", "--model", str(model_dir), "--pairs", str(ab),
                        "--concept", "x", "--contrast", "y", "-o", str(tmp_path))
     assert code == 2 and "--contrast only shapes synthetic pairs" in err
+
+
+def test_serve_flag_defaults_are_the_servers_own_limits():
+    """`avec serve`'s defaults come from Limits / ConnectionLimits (one source of truth), and
+    building the parser imports neither the engine nor fastapi."""
+    import subprocess
+    import sys
+
+    from avec.cli.main import build_parser
+    from avec.serve.limits import ConnectionLimits, Limits
+
+    args = build_parser().parse_args(["serve"])
+    lim, conn = Limits(), ConnectionLimits()
+    assert (args.max_tokens, args.max_queue, args.request_timeout, args.max_abs_coef,
+            args.max_abs_value, args.max_vectors) == (
+        lim.max_tokens, lim.max_queue, lim.request_timeout_s, lim.max_abs_coef,
+        lim.max_abs_value, lim.max_vectors)
+    assert args.max_store_mb * 2**20 == lim.max_store_bytes
+    assert (args.idle_timeout, args.body_timeout, args.max_connections) == (
+        conn.idle_timeout_s, conn.body_timeout_s, conn.max_connections)
+    code = ("import sys; from avec.cli.main import build_parser; build_parser(); "
+            "print(sorted(m for m in ('avec.serve.engine', 'avec.serve.app', 'fastapi') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -474,7 +474,7 @@ def test_vector_store_caps(tiny_llama, tmp_path):
 def fake_uvicorn(monkeypatch, tiny_llama):
     """``avec serve`` on the tiny model, with a server that records its app instead of
     listening."""
-    from avec.cli import main as cli
+    from avec.cli import common as cli
 
     ran: list[Any] = []
 
@@ -485,7 +485,7 @@ def fake_uvicorn(monkeypatch, tiny_llama):
         def run(self) -> None:
             ran.append(self.config)
 
-    monkeypatch.setattr(cli, "_load", lambda _args: tiny_llama)
+    monkeypatch.setattr(cli, "load_model_for", lambda _args: tiny_llama)
     monkeypatch.setattr(uvicorn, "Server", FakeServer)
     return ran
 

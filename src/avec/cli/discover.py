@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from avec.cli import common
 from avec.cli.args import count_arg, finite_float, int_arg, nonneg_arg, output_dir, seed_arg
+from avec.cli.common import add_model_args, emit_json, log
 
 DESCRIPTION = """Learn K steering vectors with no labelled data (MELBO, Mack & Turner 2024): each
 is a bias of norm --radius added at the output of --source-layer (every position), optimised to
@@ -18,7 +20,7 @@ same norm, pairwise cosines, histories), and unless --no-summary their greedy co
 clusters of what they do and behaviour scores in summary.json and report.html."""
 
 
-def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub: Any) -> None:
     from avec.discover.melbo import MelboConfig
 
     d = MelboConfig()
@@ -108,7 +110,6 @@ def _earlier_run(args: argparse.Namespace) -> tuple[Any, list[str], list[str], A
 
 
 def _train(args: argparse.Namespace, model: Any, prompts: list[str]) -> Any:
-    from avec.cli.common import log as _log
     from avec.discover.melbo import MelboConfig, MelboTrainer
 
     config = MelboConfig(source_layer=args.source_layer, target_layer=args.target_layer,
@@ -117,20 +118,19 @@ def _train(args: argparse.Namespace, model: Any, prompts: list[str]) -> Any:
                          batch_size=args.batch_size, patience=args.patience, chat=args.chat,
                          seed=args.seed)
     trainer = MelboTrainer(model, prompts, config)
-    _log(f"MELBO: {config.num_vectors} vectors, layer {trainer.source} -> {trainer.target}, "
-         f"radius {config.radius}, {len(prompts)} prompts")
-    return trainer.train(progress=True, on_vector=lambda v: _log(
+    log(f"MELBO: {config.num_vectors} vectors, layer {trainer.source} -> {trainer.target}, "
+        f"radius {config.radius}, {len(prompts)} prompts")
+    return trainer.train(progress=True, on_vector=lambda v: log(
         f"vector {v.index}: objective {v.objective:.4g} after {v.steps} steps"))
 
 
 def cmd_discover(args: argparse.Namespace) -> int:
-    from avec.cli.common import load_model_for as _load
     from avec.discover.report import parse_behaviour, summarize, write_run
 
     behaviours = [parse_behaviour(b) for b in args.behaviour]
     if args.from_dir:  # no training: the vectors of an earlier run
         result, prompts, eval_prompts, eval_answers = _earlier_run(args)
-        model = _load(args)
+        model = common.load_model_for(args)
     else:
         prompts, answers = _prompts_and_answers(args.prompts, args.arithmetic, args.seed)
         if args.eval_prompts:
@@ -140,7 +140,7 @@ def cmd_discover(args: argparse.Namespace) -> int:
             eval_prompts, eval_answers = _prompts_and_answers(None, 32, args.seed + 1)
         else:
             eval_prompts, eval_answers = prompts, answers
-        model = _load(args)
+        model = common.load_model_for(args)
         result = _train(args, model, prompts)
     summary = None
     if not args.no_summary:
@@ -159,7 +159,7 @@ def _finish(args: argparse.Namespace, result: Any, summary: Any, paths: list[Pat
            [{"index": v.index, "objective": v.objective} for v in result.vectors],
            "files": [str(p) for p in paths]}
     if args.json:
-        print(json.dumps(out, indent=1))
+        emit_json(out)
         return 0
     print(f"{len(result.vectors)} vectors, layer {result.source_layer} -> "
           f"{result.target_layer}, {result.seconds:.0f} s ({result.seconds_per_step:.3f} s/step);"
@@ -174,4 +174,4 @@ def _finish(args: argparse.Namespace, result: Any, summary: Any, paths: list[Pat
     return 0
 
 
-COMMANDS = {"discover": cmd_discover}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"discover": cmd_discover}

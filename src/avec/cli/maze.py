@@ -7,11 +7,12 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from avec.cli.args import count_arg, finite_float, output_dir, output_file, seed_arg
+from avec.cli.common import emit_json
 
 
 def _policy_arg(p: argparse.ArgumentParser) -> None:
@@ -104,7 +105,7 @@ def _load_policy(args: argparse.Namespace) -> Any:
 def _print_summary(args: argparse.Namespace, title: str, summary: dict[str, Any],
                    files: list[Path]) -> None:
     if args.json:
-        print(json.dumps(summary, indent=1))
+        emit_json(summary)
         return
     print(title)
     for key, value in summary.items():
@@ -257,4 +258,4 @@ def cmd_maze(args: argparse.Namespace) -> int:
     return _study(args, step)
 
 
-COMMANDS = {"maze": cmd_maze}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"maze": cmd_maze}

@@ -8,8 +8,11 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from avec.cli import common
 from avec.cli.args import (count_arg, finite_float, int_arg, nonneg_arg, output_dir, output_file,
                            seed_arg)
+from avec.cli.common import add_model_args, emit_json
+from avec.studies.refusal.direction import one_direction
 
 DEFAULT_DATA_DIR = "../shared/data/refusal"
 
@@ -46,7 +49,13 @@ def _data_file(args: argparse.Namespace, name: str) -> Path:
     return path
 
 
-def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub: Any) -> None:
+    _add_finetune_parser(sub)
+    _add_orthogonalize_parser(sub)
+    _add_refusal_parser(sub)
+
+
+def _add_finetune_parser(sub: Any) -> None:
     p = sub.add_parser("finetune", help="supervised fine-tuning (LoRA or full) on "
                        "instruction/response pairs; saves an ordinary HF model directory",
                        description="Fine-tune on a JSON Lines file of {instruction, response"
@@ -58,6 +67,8 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     _finetune_args(p)
     add_model_args(p)
 
+
+def _add_orthogonalize_parser(sub: Any) -> None:
     p = sub.add_parser("orthogonalize", help="fold a direction's ablation into the weights; "
                        "save an ordinary HF model directory",
                        description="Project the direction out of every matrix that writes to "
@@ -70,6 +81,8 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     p.add_argument("--output", "-o", required=True, type=output_dir, help="output model directory")
     add_model_args(p)
 
+
+def _add_refusal_parser(sub: Any) -> None:
     p = sub.add_parser("refusal", help="the refusal direction study (Arditi et al. 2024): "
                        "make-data, make-model, select, eval, reproduce")
     rsub = p.add_subparsers(dest="refusal_command", required=True, metavar="STEP")
@@ -93,7 +106,12 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     _finetune_args(q)
     _data_args(q)
     add_model_args(q)
+    _add_select_parser(rsub)
+    _add_eval_parser(rsub)
+    _add_reproduce_parser(rsub)
 
+
+def _add_select_parser(rsub: Any) -> None:
     q = rsub.add_parser("select", help="choose the refusal direction among every layer x "
                         "post-instruction position; vector file, candidate table, heatmap")
     q.add_argument("--output-dir", "-o", required=True, type=output_dir)
@@ -108,6 +126,8 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     _data_args(q)
     add_model_args(q)
 
+
+def _add_eval_parser(rsub: Any) -> None:
     q = rsub.add_parser("eval", help="refusal rates (harmful / harmless, held out), KL and "
                         "essay perplexity for base, ablation, clamp-to-mean, add, "
                         "orthogonalized")
@@ -120,6 +140,8 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     _data_args(q)
     add_model_args(q)
 
+
+def _add_reproduce_parser(rsub: Any) -> None:
     q = rsub.add_parser("reproduce", help="the whole study from scratch: fine-tune, select, "
                         "orthogonalize, evaluate (about half an hour on 2 CPU cores)")
     q.add_argument("--output-dir", "-o", required=True, type=output_dir)
@@ -132,14 +154,12 @@ def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], No
     add_model_args(q)
 
 
-def _load(args: argparse.Namespace) -> Any:
-    from avec.cli.common import load_model_for as load
-
-    return load(args)
-
-
 def _emit(args: argparse.Namespace, info: dict[str, Any], text: str) -> None:
-    print(json.dumps(info, indent=2, default=str) if args.json else text)
+    """``info`` as JSON with ``--json``, else ``text``."""
+    if args.json:
+        emit_json(info)
+    else:
+        print(text)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -147,7 +167,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     examples = load_examples(args.data)
     config = _finetune_config(args)
-    model = _load(args)
+    model = common.load_model_for(args)
     result = finetune(model, examples, config, progress=True)
     out = save_finetuned(result, args.output, metadata={"data": str(args.data)})
     info = {"output": str(out), "examples": len(examples), "seconds": round(result.seconds, 1),
@@ -157,27 +177,13 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _one_direction(vector: Any, layer: int | None) -> tuple[int, Any]:
-    if layer is None:
-        info = vector.metadata.get("refusal", {})
-        if isinstance(info, dict) and info.get("layer") in vector.directions:
-            layer = int(info["layer"])
-        elif len(vector.layers) == 1:
-            layer = vector.layers[0]
-        else:
-            raise ValueError(f"the vector has layers {vector.layers}; pick one with --layer")
-    if layer not in vector.directions:
-        raise ValueError(f"layer {layer} is not in the vector (layers {vector.layers})")
-    return layer, vector[layer]
-
-
 def cmd_orthogonalize(args: argparse.Namespace) -> int:
     from avec.intervene.orthogonalize import save_orthogonalized
     from avec.vector import load_vector
 
-    model = _load(args)
+    model = common.load_model_for(args)
     vector = load_vector(args.vector, model)
-    layer, direction = _one_direction(vector, args.layer)
+    layer, direction = one_direction(vector, args.layer)
     out = save_orthogonalized(model, direction, args.output,
                               metadata={"vector": str(args.vector), "layer": layer})
     _emit(args, {"output": str(out), "layer": layer},
@@ -203,7 +209,7 @@ def _make(args: argparse.Namespace, train: bool) -> int:
     harmful = load_instructions(_data_file(args, "harmful_train"), args.n_harmful)
     harmless = load_instructions(_data_file(args, "harmless_train"), args.n_harmless)
     config = _finetune_config(args) if train else None
-    model = _load(args)
+    model = common.load_model_for(args)
     examples = safety_examples(model, harmful, harmless, seed=args.seed,
                                max_new_tokens=args.distil_tokens, progress=True)
     if not train:
@@ -224,13 +230,13 @@ def _make(args: argparse.Namespace, train: bool) -> int:
 
 def _select(args: argparse.Namespace) -> int:
     from avec.studies.refusal.data import load_instructions
-    from avec.studies.refusal.select import (NoEligibleCandidate, select_direction, write_candidates,
-                                     write_selection)
+    from avec.studies.refusal.select import (NoEligibleCandidate, select_direction,
+                                             write_candidates, write_selection)
 
     sets = [load_instructions(_data_file(args, name), n) for name, n in
             (("harmful_train", args.n_train), ("harmless_train", args.n_train),
              ("harmful_val", args.n_val), ("harmless_val", args.n_val))]
-    model = _load(args)
+    model = common.load_model_for(args)
     try:
         sel = select_direction(model, *sets, kl_max=args.kl_max,
                                fallback_kl_max=args.fallback_kl_max,
@@ -250,14 +256,14 @@ def _select(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from avec.models import load_model
     from avec.studies.refusal.data import load_instructions
-    from avec.studies.refusal.evaluate import (evaluate_refusal, results_table, standard_conditions,
-                                       write_results)
+    from avec.studies.refusal.evaluate import (evaluate_refusal, results_table,
+                                               standard_conditions, write_results)
     from avec.vector import load_vector
 
     harmful = load_instructions(_data_file(args, "harmful_test"), args.n)
     harmless = load_instructions(_data_file(args, "harmless_test"), args.n)
     essays = [p.read_text() for p in sorted((Path(args.data_dir).parent / "actadd").glob("*.txt"))]
-    model = _load(args)
+    model = common.load_model_for(args)
     vector = load_vector(args.vector, model)
     ortho = load_model(args.orthogonalized) if args.orthogonalized else None
     results = evaluate_refusal(standard_conditions(model, vector, ortho), harmful, harmless,
@@ -280,5 +286,5 @@ def _reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"finetune": cmd_finetune, "orthogonalize": cmd_orthogonalize,
-            "refusal": cmd_refusal}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "finetune": cmd_finetune, "orthogonalize": cmd_orthogonalize, "refusal": cmd_refusal}

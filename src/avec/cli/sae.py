@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import time
 from collections.abc import Callable
@@ -13,7 +12,9 @@ from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+from avec.cli import common
 from avec.cli.args import count_arg, finite_float, int_arg, output_dir, seed_arg
+from avec.cli.common import add_model_args, emit_json, log
 
 DESCRIPTION = """Sparse autoencoders (SAEs) on the output of one decoder block (avec's layer L),
 saved in the SAELens layout (cfg.json + sae_weights.safetensors). `train` reads activations of
@@ -22,7 +23,7 @@ ranks latents on contrast pairs or texts and writes their top-activating example
 shows greedy completions with one latent clamped or added."""
 
 
-def _train_parser(ssub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def _train_parser(ssub: Any) -> None:
     from types import SimpleNamespace
 
     from avec.sae.train import SAETrainConfig
@@ -69,11 +70,11 @@ def _train_parser(ssub: Any, add_model_args: Callable[[argparse.ArgumentParser],
     add_model_args(q)
 
 
-def add_parsers(sub: Any, add_model_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_parsers(sub: Any) -> None:
     p = sub.add_parser("sae", help="sparse autoencoders: train, features, steer",
                        description=DESCRIPTION)
     ssub = p.add_subparsers(dest="sae_command", required=True, metavar="STEP")
-    _train_parser(ssub, add_model_args)
+    _train_parser(ssub)
 
     q = ssub.add_parser("features", help="rank SAE latents for a concept; top examples HTML",
                         description="Rank latents by mean activation on the positive minus the "
@@ -125,145 +126,47 @@ def _sae_args(q: argparse.ArgumentParser) -> None:
 
 def _load_sae_and_model(args: argparse.Namespace) -> tuple[Any, Any, int, bool]:
     """``(sae, model, layer, check_site)``; warns when the SAE names another model."""
-    from avec.cli.common import load_model_for as _load, log as _log
     from avec.sae import SAEError, load_sae
 
     sae = load_sae(args.sae)
-    model = _load(args)
+    model = common.load_model_for(args)
     layer = args.layer if args.layer is not None else sae.cfg.avec_layer
     if layer is None:
         raise SAEError(f"{args.sae}: the SAE does not say which block output it reads "
                        f"(hook {sae.cfg.hook_name!r}); pass --layer")
     if sae.cfg.model_name and sae.cfg.model_name != model.name:
-        _log(f"warning: the SAE was trained on {sae.cfg.model_name}, not {model.name}")
+        log(f"warning: the SAE was trained on {sae.cfg.model_name}, not {model.name}")
     return sae, model, layer, args.layer is None
 
 
-def _split(texts: list[str], holdout: float, seed: int) -> tuple[list[str], list[str]]:
-    """(training texts, held-out texts): a seeded random ``holdout`` fraction held out."""
-    if not 0 <= holdout < 1:
-        raise ValueError(f"--holdout must be in [0, 1), got {holdout}")
-    if holdout == 0:
-        return texts, []
-    if len(texts) < 2:
-        raise ValueError(f"a held-out slice needs at least 2 texts, got {len(texts)}; pass more "
-                         f"texts or --holdout 0")
-    order = list(range(len(texts)))
-    random.Random(seed).shuffle(order)
-    n_held = min(len(texts) - 1, max(1, round(holdout * len(texts))))
-    held = sorted(order[:n_held])
-    train = sorted(order[n_held:])
-    return [texts[i] for i in train], [texts[i] for i in held]
-
-
-def _tqdm_progress() -> tuple[Callable[[int, int, float], None], Callable[[], None]]:
-    """A ``train_sae`` progress callback drawing a tqdm bar, and a function closing it."""
-    from tqdm.auto import tqdm
-
-    bar: list[Any] = []
-
-    def progress(step: int, total: int, loss: float) -> None:
-        if not bar:
-            bar.append(tqdm(total=total, desc="train SAE", unit="step", leave=False))
-        bar[0].update(1)
-        if step % 20 == 0 or step == total:
-            bar[0].set_postfix(loss=f"{loss:.4g}")
-
-    return progress, lambda: bar[0].close() if bar else None
-
-
 def cmd_train(args: argparse.Namespace) -> int:
-    from avec._version import __version__
-    from avec.cli.common import emit_json as _emit_json, load_model_for as _load, log as _log
-    from avec.sae import SAEError, SAETrainConfig, sae_metrics, save_sae, train_sae
-    from avec.sae.corpus import (collect_activations, load_texts, sample_corpus,
-                                 template_skips)
-    from avec.sae.evaluate import reconstruction_loss_increase
+    from avec.sae.pipeline import (CorpusConfig, SAEPipelineConfig, read_corpus,
+                                   train_sae_on_corpus)
 
     started = time.perf_counter()
-    if not args.texts and not args.sample:
-        raise SAEError("give a corpus: --texts FILE..., --sample N, or both")
-    if args.prompts and not args.sample:
-        raise SAEError("--prompts are seeds for --sample N; pass --sample too")
-    texts = load_texts(args.texts) if args.texts else []
-    seeds = load_texts(args.prompts) if args.prompts else None
-    model = _load(args)
-    (layer,) = model.check_layers([args.layer])
-    config = SAETrainConfig(d_sae=args.latents or 8 * model.d_model, k=args.k, lr=args.lr,
-                            batch_size=args.batch_size, epochs=args.epochs, steps=args.steps,
-                            seed=args.seed)
-    corpus: dict[str, Any] = {"source": "+".join(
-        s for s, on in (("files", args.texts), ("sampled", args.sample)) if on)}
-    if args.texts:
-        corpus.update(files=[str(p) for p in args.texts], n_file_texts=len(texts))
-    sampled: list[str] = []
-    sample_seconds = 0.0
-    if args.sample:
-        _log(f"sampling {args.sample} texts of up to {args.sample_tokens} tokens (seed "
-             f"{args.seed})")
-        t0 = time.perf_counter()
-        sampled = sample_corpus(model, args.sample, args.sample_tokens, args.seed, seeds,
-                                progress=True)
-        sample_seconds = time.perf_counter() - t0
-        corpus.update(seed=args.seed, temperature=1.0, max_new_tokens=args.sample_tokens,
-                      n_sampled=len(sampled), file="corpus.jsonl",
-                      prompts=[str(p) for p in args.prompts] if args.prompts else "built-in")
-        texts = texts + sampled
-    train_texts, held_texts = _split(texts, args.holdout, args.seed)
-    corpus.update(n_texts=len(texts), n_train=len(train_texts), n_heldout=len(held_texts))
-    t0 = time.perf_counter()
-    acts = collect_activations(model, train_texts, layer, args.max_tokens,
-                               skip_first=template_skips(model, train_texts), progress=True)
-    collect_seconds = time.perf_counter() - t0
-    _log(f"{acts.shape[0]} tokens of {len(train_texts)} texts at layer {layer}; training "
-         f"{config.d_sae} latents, k={config.k}")
-    progress, close = _tqdm_progress()
-    try:
-        sae, record = train_sae(acts.to(model.device), config, progress)
-    finally:
-        close()
-    sae.cfg.hook_layer, sae.cfg.hook_name = layer, f"blocks.{layer}.hook_resid_post"
-    sae.cfg.model_name = model.name
-    sae.cfg.metadata["corpus"] = corpus
-    out = Path(args.output)
-    save_sae(sae, out)  # before the evaluation, so a failing evaluation loses no training
-    if sampled:
-        with open(out / "corpus.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in sampled)
-    t0 = time.perf_counter()
-    heldout: dict[str, Any] | None = None
-    ce: dict[str, Any] | None = None
-    if held_texts:
-        try:
-            held_skips = template_skips(model, held_texts)
-            held_acts = collect_activations(model, held_texts, layer, args.max_tokens,
-                                            skip_first=held_skips)
-            heldout = sae_metrics(sae, held_acts.to(model.device))
-            ce = reconstruction_loss_increase(model, sae, layer, held_texts, args.max_tokens,
-                                              skip_first=held_skips, progress=True)
-        except SAEError as err:  # e.g. held-out texts too short to predict a token
-            _log(f"warning: no held-out evaluation: {err}")
-            heldout = heldout or {"error": str(err)}
-            ce = {"error": str(err)}
-    summary = {"output": str(out), "layer": layer, "model": model.identity(),
-               "d_sae": config.d_sae, "k": config.k, "corpus": corpus,
-               "n_tokens": int(acts.shape[0]), "max_tokens": args.max_tokens,
-               "skip_first": "1, or the chat template's shared head in templated texts",
-               "steps": record["steps"], "epochs": record["epochs"],
-               "metrics": {"train": record["metrics"], "heldout": heldout, "ce_loss": ce},
-               "seconds": {"sample": sample_seconds, "collect": collect_seconds,
-                           "train": record["seconds"],
-                           "evaluate": time.perf_counter() - t0,
-                           "total": time.perf_counter() - started}}
-    document = {**summary, "config": record["config"], "history": record["history"],
-                "epoch_losses": record["epoch_losses"], "avec_version": __version__}
-    (out / "train.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    corpus = CorpusConfig(files=args.texts or (), sample=args.sample, prompts=args.prompts,
+                          sample_tokens=args.sample_tokens, max_tokens=args.max_tokens,
+                          holdout=args.holdout)
+    read = read_corpus(corpus)
+    model = common.load_model_for(args)
+    config = SAEPipelineConfig(layer=args.layer, corpus=corpus, d_sae=args.latents, k=args.k,
+                               lr=args.lr, batch_size=args.batch_size, epochs=args.epochs,
+                               steps=args.steps, seed=args.seed)
+    result = train_sae_on_corpus(model, config, args.output, read=read, log=log,
+                                 started=started)
+    summary = result.summary
     if args.json:
-        _emit_json(summary)
+        emit_json(summary)
         return 0
-    m = record["metrics"]
-    print(f"SAE: {config.d_sae} latents, k={config.k}, layer {layer}, {acts.shape[0]} tokens, "
-          f"{record['steps']} steps in {record['seconds']:.1f} s")
+    _print_training(summary)
+    return 0
+
+
+def _print_training(summary: dict[str, Any]) -> None:
+    m, heldout, ce = (summary["metrics"][key] for key in ("train", "heldout", "ce_loss"))
+    print(f"SAE: {summary['d_sae']} latents, k={summary['k']}, layer {summary['layer']}, "
+          f"{summary['n_tokens']} tokens, {summary['steps']} steps in "
+          f"{summary['seconds']['train']:.1f} s")
     print(f"  train:    FVE {m['fve']:.3f}  L0 {m['l0']:.1f}  dead {m['dead_latents']}")
     if heldout is not None and ce is not None and "error" not in ce:
         recovered = ce["fraction_recovered"]
@@ -272,8 +175,7 @@ def cmd_train(args: argparse.Namespace) -> int:
               f"ablation {ce['ce_zero_ablation']:.4f}, mean ablation "
               f"{ce['ce_mean_ablation']:.4f}; recovered "
               f"{'n/a' if recovered is None else f'{recovered:.3f}'})")
-    print(f"wrote {out}/ (cfg.json, sae_weights.safetensors, train.json)")
-    return 0
+    print(f"wrote {summary['output']}/ (cfg.json, sae_weights.safetensors, train.json)")
 
 
 _RANKED_BY = {"difference": "mean_positive - mean_negative",
@@ -282,7 +184,6 @@ _RANKED_BY = {"difference": "mean_positive - mean_negative",
 
 
 def cmd_features(args: argparse.Namespace) -> int:
-    from avec.cli.common import emit_json as _emit_json
     from avec.data import load_pairs, pair_texts
     from avec.evaluate.top_examples import render_html
     from avec.sae.corpus import load_texts
@@ -323,7 +224,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     (out / "features.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
                                        encoding="utf-8")
     if args.json:
-        _emit_json(result)
+        emit_json(result)
         return 0
     print(f"top {len(rows)} latents at layer {layer} ({result['ranked_by']}):")
     for row in rows:
@@ -336,7 +237,6 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_steer(args: argparse.Namespace) -> int:
-    from avec.cli.common import emit_json as _emit_json
     from avec.generation.hf import variant_completions
     from avec.sae import steer_features
 
@@ -355,7 +255,7 @@ def cmd_steer(args: argparse.Namespace) -> int:
               "completions": [{"prompt": p, "unsteered": u, "steered": s}
                               for p, u, s in zip(args.prompt, plain, steered)]}
     if args.json:
-        _emit_json(result)
+        emit_json(result)
         return 0
     for row in result["completions"]:
         print(f"prompt:    {row['prompt']}\nunsteered: {row['unsteered']}\n"
@@ -371,4 +271,4 @@ def cmd_sae(args: argparse.Namespace) -> int:
     return _STEPS[args.sae_command](args)
 
 
-COMMANDS = {"sae": cmd_sae}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"sae": cmd_sae}

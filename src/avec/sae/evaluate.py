@@ -50,7 +50,6 @@ def _fraction(ablated: float, spliced: float, clean: float) -> float | None:
     return (ablated - spliced) / gap if gap != 0 else None
 
 
-@torch.no_grad()
 def _ce_batches(model: Model, texts: Sequence[str], max_tokens: int,
                 skip_first: int | Sequence[int], batch_size: int
                 ) -> tuple[list[tuple[torch.Tensor, ...]], int]:
@@ -77,6 +76,7 @@ def _ce_batches(model: Model, texts: Sequence[str], max_tokens: int,
     return batches, len(usable)
 
 
+@torch.no_grad()
 def reconstruction_loss_increase(model: Model, sae: SparseAutoencoder, layer: int,
                                  texts: Sequence[str], max_tokens: int = 128, *,
                                  skip_first: int | Sequence[int] = 1, batch_size: int = 8,

@@ -9,18 +9,19 @@ timeouts. Needs the ``serve`` extra (``pip install avec[serve]``).
 
 from __future__ import annotations
 
-from avec.serve.engine import Engine, Generation, GenerationResult, LlamaCppEngine
-from avec.serve.errors import ServeError
-from avec.serve.limits import Limits
-from avec.serve.registry import VectorRegistry
+import importlib
+from typing import Any
 
-__all__ = ["Engine", "Generation", "GenerationResult", "Limits", "LlamaCppEngine",
-           "ServeError", "VectorRegistry", "create_app"]
+# every name is imported on first use (PEP 562), so that `avec serve --help` and
+# `from avec.serve.limits import Limits` do not import the engine, torch or fastapi
+_HOMES = {"Engine": "engine", "Generation": "engine", "GenerationResult": "engine",
+          "LlamaCppEngine": "engine", "ServeError": "errors", "Limits": "limits",
+          "ConnectionLimits": "limits", "VectorRegistry": "registry", "create_app": "app"}
+
+__all__ = sorted(_HOMES)
 
 
-def __getattr__(name: str):  # create_app imports fastapi, which the engine does not need
-    if name == "create_app":
-        from avec.serve.app import create_app
-
-        return create_app
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'avec.serve' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"avec.serve.{_HOMES[name]}"), name)

@@ -3,8 +3,8 @@
 Requests that arrive within ``batch_window_s`` of each other (up to ``max_batch``) run as one
 left-padded batch (greedy, or sampled per row with its own seeded generator). Each distinct
 steering entry (vector, layers, op, positions, value) becomes one
-:class:`~avec.intervene.steer.Intervention` whose per-row coefficient is the row's own coefficient, or 0
-on rows that do not use it; a zero coefficient leaves a row bit-identical, so no request sees
+:class:`~avec.intervene.steer.Intervention` whose per-row coefficient is the row's own
+coefficient, or 0 on rows that do not use it; a zero coefficient leaves a row bit-identical, so no request sees
 another's steering. Rows whose entries would need a conflicting order of interventions go to a
 separate batch.
 

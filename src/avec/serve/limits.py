@@ -45,3 +45,14 @@ class Limits:
             low_ok = value >= 0 if f.name == "batch_window_s" else value > 0
             if not math.isfinite(value) or not low_ok:
                 raise ValueError(f"Limits.{f.name}={value!r}: it must be a finite number > 0")
+
+
+@dataclass(frozen=True)
+class ConnectionLimits:
+    """What one HTTP connection may hold: ``idle_timeout_s`` without a complete request head,
+    ``body_timeout_s`` from a head to the end of its body, and ``max_connections`` open at once
+    (beyond it uvicorn answers 503)."""
+
+    idle_timeout_s: int = 5
+    body_timeout_s: float = 60.0
+    max_connections: int = 256

@@ -5,8 +5,8 @@ that opens a connection and sends nothing, or trickles its request headers, woul
 forever, and one that sends its head and then trickles the body holds a request open.
 :class:`IdleTimeoutH11Protocol` closes a connection that has not sent a complete request head
 within ``timeout_keep_alive`` seconds of opening or of its last response, or whose body is not
-complete ``body_timeout_s`` seconds after its head; :func:`uvicorn_config` also caps concurrent connections (``limit_concurrency``: beyond it
-uvicorn answers 503).
+complete ``body_timeout_s`` seconds after its head; :func:`uvicorn_config` also caps concurrent
+connections (``limit_concurrency``: beyond it uvicorn answers 503).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from avec.serve.limits import ConnectionLimits
 
 
 class IdleTimeoutH11Protocol(H11Protocol):
@@ -65,10 +67,14 @@ class IdleTimeoutH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
 
+_CONNECTION = ConnectionLimits()  # frozen: the defaults, shared with `avec serve`
+
+
 def uvicorn_config(app: Any, *, host: str = "127.0.0.1", port: int = 8000,
-                   idle_timeout_s: int = 5, body_timeout_s: float = 60.0,
-                   max_connections: int | None = 256, log_level: str = "info"
-                   ) -> uvicorn.Config:
+                   idle_timeout_s: int = _CONNECTION.idle_timeout_s,
+                   body_timeout_s: float = _CONNECTION.body_timeout_s,
+                   max_connections: int | None = _CONNECTION.max_connections,
+                   log_level: str = "info") -> uvicorn.Config:
     """A uvicorn config for ``app`` that closes idle or slow-to-start connections after
     ``idle_timeout_s``, connections whose request body is not in ``body_timeout_s`` after its
     head, and answers 503 beyond ``max_connections`` open connections."""

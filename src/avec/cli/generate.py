@@ -1,0 +1,125 @@
+"""``avec generate``: greedy completions, unsteered and steered side by side."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from avec.cli import common
+from avec.cli.args import count_arg, finite_float, int_arg, steer_positions
+from avec.cli.common import add_model_args, check_fit, columns, emit_json
+from avec.studies.refusal.direction import one_direction
+
+
+def _add_generate_parser(sub: Any) -> None:
+    """``avec generate``."""
+    p = sub.add_parser("generate", help="greedy completions, unsteered and steered side by side",
+                       description="Generate greedily for each prompt (chat template applied "
+                       "when the model has one) without steering and at each coefficient.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="a prompt (repeat for several)")
+    src.add_argument("--prompts-file", help=".txt (one per line), .json or .jsonl prompts")
+    p.add_argument("--vector", help="steering vector file (.safetensors, or a llama.cpp/repeng "
+                   ".gguf control vector)")
+    p.add_argument("--coef", type=finite_float, action="append",
+                   help="coefficient multiplying the vector as extracted (repeat; default 1)")
+    p.add_argument("--layer", type=int_arg, action="append",
+                   help="steer only these layers of the vector (default: all its layers)")
+    p.add_argument("--positions", type=steer_positions, default="all",
+                   help="all (default), prompt, generated, or from:K / K (token index >= K)")
+    p.add_argument("--op", default="add", choices=["add", "ablate", "clamp"])
+    p.add_argument("--clamp-value", type=finite_float, default=None,
+                   help="projection that --op clamp sets (default: the vector's clamp_value "
+                        "metadata, e.g. the harmful-prompt mean of a refusal direction, else 0)")
+    p.add_argument("--everywhere", action="store_true",
+                   help="with --op ablate: project the direction out of the residual stream "
+                        "everywhere (input of block 0 and every attention and MLP output), as "
+                        "Arditi et al. do, instead of at the vector's own layers")
+    p.add_argument("--max-new-tokens", type=count_arg, default=64)
+    p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
+    p.add_argument("--batch-size", type=count_arg, default=16)
+    p.add_argument("--backend", choices=["hf", "llama.cpp"], default="hf",
+                   help="hf: transformers (every op); llama.cpp: the .gguf model run by "
+                        "llama-cpp-python, steered by its control vectors (op add only, layers "
+                        ">= 1)")
+    add_model_args(p)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from avec.data.pairs import load_located_prompts
+    from avec.generation.hf import steered_completions
+    from avec.vector import load_vector
+
+    located = _located_args(args.prompt, "--prompt") if args.prompt else \
+        load_located_prompts(args.prompts_file)
+    prompts = [text for _where, text in located]
+    if args.vector is None and args.coef and any(c != 0 for c in args.coef):
+        raise ValueError("--coef needs --vector")
+    if args.vector is None and (args.layer or args.op != "add"):
+        raise ValueError("--layer and --op need --vector")
+    if args.everywhere and (args.op != "ablate" or args.backend != "hf"):
+        raise ValueError("--everywhere goes with --op ablate on the hf backend")
+    coefs = args.coef if args.coef else ([1.0] if args.vector else [0.0])
+    model = common.load_model_for(args)
+    chat = False if args.no_chat else None
+    check_fit(model, located, chat, args.max_new_tokens)
+    vector = load_vector(args.vector, model) if args.vector else None
+    run_coefs = list(dict.fromkeys([0.0, *coefs]))  # unsteered first, for side-by-side display
+    clamp = args.clamp_value
+    if clamp is None:
+        clamp = float(vector.metadata.get("clamp_value", 0.0)) if vector is not None else 0.0
+    if args.everywhere:
+        results = _ablate_everywhere(model, prompts, vector, run_coefs, args, chat)
+    elif args.backend == "llama.cpp":
+        from avec.generation import llamacpp
+
+        results = llamacpp.steered_completions(
+            model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
+            op=args.op, max_new_tokens=args.max_new_tokens, chat=chat, progress=True)
+    else:
+        results = steered_completions(
+            model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
+            op=args.op, value=clamp, max_new_tokens=args.max_new_tokens, chat=chat,
+            batch_size=args.batch_size, progress=True)
+    if args.json:
+        wanted = [r for r in results if r.coef in coefs]
+        emit_json([r.to_dict() for r in wanted])
+        return 0
+    for prompt in dict.fromkeys(prompts):
+        row = [r for r in results if r.prompt == prompt]
+        headers = ["unsteered" if r.coef == 0 else f"coef {r.coef:+g}" for r in row]
+        print(f"\n>>> {prompt}")
+        print(columns(headers, [r.text for r in row]))
+    return 0
+
+
+def _located_args(values: list[str], option: str) -> list[tuple[str, str]]:
+    """``(where, text)`` for texts given on the command line, each checked like a file's."""
+    from avec.data.textfile import check_text
+
+    return [(f"{option} {i}", check_text(v, f"{option} {i}", option.lstrip("-")))
+            for i, v in enumerate(values, start=1)]
+
+
+def _ablate_everywhere(model: Any, prompts: list[str], vector: Any, coefs: list[float],
+                       args: argparse.Namespace, chat: bool | None) -> list[Any]:
+    from avec.intervene.ablation import ablate_direction
+    from avec.generation.hf import Completion, steered_completions
+
+    _layer, direction = one_direction(vector, args.layer[0] if args.layer else None)
+    out = []
+    for coef in coefs:
+        with ablate_direction(model, direction, coef=coef):
+            rows = steered_completions(model, prompts, None, [0.0],
+                                       max_new_tokens=args.max_new_tokens, chat=chat,
+                                       batch_size=args.batch_size, progress=True)
+        out += [Completion(r.prompt, coef, r.text) for r in rows]
+    order = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+    return sorted(out, key=lambda r: order[r.prompt])
+
+
+def add_parsers(sub: Any) -> None:
+    _add_generate_parser(sub)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"generate": cmd_generate}
