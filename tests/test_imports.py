@@ -221,8 +221,9 @@ LAYERS: dict[str, int] = {
     "sae": 9, "discover": 9, "tune": 9,
     "studies": 10,
     "serve": 11,
-    "cli": 12,
-    "": 13,  # avec/__init__.py, the public API
+    "vllm": 12,  # the vLLM plugin reuses serve's request schema and limits
+    "cli": 13,
+    "": 14,  # avec/__init__.py, the public API
 }
 
 

@@ -217,3 +217,13 @@ def test_serve_flag_defaults_are_the_servers_own_limits():
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_vllm_check_without_vllm_says_how_to_install(capsys):
+    """This environment has no vLLM (it lives in .venv-vllm): the command says so, exit 1."""
+    from avec.cli.main import main
+    from avec.vllm import vllm_available
+
+    assert not vllm_available()
+    assert main(["vllm-check"]) == 1
+    assert "pip install 'avec[vllm]'" in capsys.readouterr().err

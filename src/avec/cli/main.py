@@ -23,11 +23,12 @@ from avec.cli import refusal as cli_refusal
 from avec.cli import sae as cli_sae
 from avec.cli import serve as cli_serve
 from avec.cli import vectors as cli_vectors
+from avec.cli import vllm as cli_vllm
 from avec.cli.args import check_text_args
 
 # The command groups, in the order their commands appear in ``avec --help``.
 GROUPS = (cli_vectors, cli_generate, cli_evaluate, cli_compare, cli_serve, cli_refusal,
-          cli_maze, cli_discover, cli_sae, cli_demo)
+          cli_maze, cli_discover, cli_sae, cli_vllm, cli_demo)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}

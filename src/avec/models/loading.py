@@ -70,6 +70,30 @@ def _from_dir_or_id(name_or_path: str, dtype: torch.dtype, device: str | torch.d
     return hf.to(device), tokenizer
 
 
+def _gguf_source(name_or_path: str | Path | None) -> Path | None:
+    """The GGUF file behind ``name_or_path`` (the packaged default for ``None``), or None."""
+    if name_or_path is None:
+        return default_model_path()
+    p = Path(name_or_path).expanduser()
+    if p.suffix != ".gguf":
+        return None
+    if not p.is_file():
+        raise ModelLoadError(f"GGUF file not found: {p}")
+    return p
+
+
+def model_directory(name_or_path: str | Path | None = None, *,
+                    cache_dir: str | Path | None = None) -> str:
+    """What another engine (vLLM) loads for ``name_or_path``: the converted Hugging Face
+    directory of a GGUF file (converted once, as :func:`load_model` does), else the directory
+    or hub id itself."""
+    gguf = _gguf_source(name_or_path)
+    if gguf is None:
+        return str(name_or_path)
+    root = Path(cache_dir) if cache_dir is not None else None
+    return str(ensure_converted(gguf, _convert_gguf, root))
+
+
 def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
                dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                block_path: str | None = None, cache_dir: str | os.PathLike[str] | None = None,
@@ -87,13 +111,7 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
         hf_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
     """
     root = Path(cache_dir) if cache_dir is not None else None
-    if name_or_path is None:
-        gguf: Path | None = default_model_path()
-    else:
-        p = Path(name_or_path).expanduser()
-        gguf = p if p.suffix == ".gguf" else None
-        if gguf is not None and not gguf.is_file():
-            raise ModelLoadError(f"GGUF file not found: {gguf}")
+    gguf = _gguf_source(name_or_path)
     if gguf is not None:
         entry = ensure_converted(gguf, _convert_gguf, root)
         hf, tokenizer = _from_dir_or_id(str(entry), dtype, device, **hf_kwargs)
