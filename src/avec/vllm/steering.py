@@ -16,13 +16,18 @@ as avec's HF ``steer`` changes a block output.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from avec.vllm.requests import Entry, parse
+from avec.errors import AvecError
+from avec.vllm.requests import Entry, SteeringRequestError, parse
 from avec.vllm.store import VectorStore
+
+
+log = logging.getLogger("avec.vllm")
 
 
 @dataclass
@@ -102,8 +107,15 @@ class WorkerState:
         if self.store is None:
             self.store = VectorStore.from_env()
         # validated already at admission (the front end); parsed again here against this
-        # process's own store, so a worker never trusts a pickled object
-        return parse(state.sampling_params.extra_args, self.store, self.n_layers)
+        # process's own store, so a worker never trusts a pickled object. If that fails now
+        # (a vector file removed or broken since admission), raising here would fail every
+        # request of the step: this request is logged and runs unsteered instead.
+        try:
+            return parse(state.sampling_params.extra_args, self.store, self.n_layers)
+        except (SteeringRequestError, AvecError, OSError) as exc:
+            log.error("avec: request %s runs UNSTEERED: its steering no longer resolves in "
+                      "the worker (%s)", getattr(state, "req_id", "?"), exc)
+            return ()
 
 
 def _span(item: _Item, plan: StepPlan, positions: torch.Tensor) -> tuple[int, int]:
