@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -13,6 +12,7 @@ import numpy as np
 
 from avec.cli.args import count_arg, finite_float, output_dir, output_file, seed_arg
 from avec.cli.common import emit_json
+from avec.report import write_json
 
 
 def _policy_arg(p: argparse.ArgumentParser) -> None:
@@ -89,10 +89,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def _write(out: Path, name: str, result: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / name
-    path.write_text(json.dumps(result, indent=1) + "\n")
-    return path
+    return write_json(out / name, result, indent=1)
 
 
 def _load_policy(args: argparse.Namespace) -> Any:

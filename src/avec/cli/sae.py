@@ -4,7 +4,6 @@ activations, find the latents a concept moves, and steer generation with a laten
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -14,6 +13,7 @@ from typing import Any
 
 from avec.cli import common
 from avec.cli.args import count_arg, finite_float, int_arg, output_dir, seed_arg
+from avec.report import write_json
 from avec.cli.common import add_model_args, emit_json, log
 
 DESCRIPTION = """Sparse autoencoders (SAEs) on the output of one decoder block (avec's layer L),
@@ -221,8 +221,7 @@ def cmd_features(args: argparse.Namespace) -> int:
     result = {"sae": args.sae, "layer": layer, "model": model.name, "position": args.position,
               "source": source, "ranked_by": _RANKED_BY[args.rank] if negative
               else "mean_positive", "latents": rows}
-    (out / "features.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n",
-                                       encoding="utf-8")
+    write_json(out / "features.json", result)
     if args.json:
         emit_json(result)
         return 0

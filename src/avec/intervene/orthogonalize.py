@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from avec._version import __version__
+from avec.report import write_json
 from avec.intervene.ablation import (
     POST_NORM_NAMES,
     block_writers,
@@ -269,5 +270,5 @@ def save_orthogonalized(model: Model, direction: torch.Tensor, output_dir: str |
         "d_model": model.d_model,
         "metadata": extra,
     }
-    (out / METADATA_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    write_json(out / METADATA_FILE, info)
     return out

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from avec.report import write_json
 from avec.sae.model import SAEError, SparseAutoencoder
 
 Log = Callable[[str], None]
@@ -257,5 +258,5 @@ def train_sae_on_corpus(model: Any, config: SAEPipelineConfig, output: str | Pat
                            "total": time.perf_counter() - started}}
     document = {**summary, "config": record["config"], "history": record["history"],
                 "epoch_losses": record["epoch_losses"], "avec_version": __version__}
-    (out / "train.json").write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "train.json", document)
     return SAEPipelineResult(sae, out, summary)

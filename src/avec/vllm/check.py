@@ -9,7 +9,6 @@ plugins fall into after a vLLM upgrade into an error. ``avec vllm-check MODEL`` 
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 import torch
 
 from avec.vector import SteeringVector
-from avec.vllm import EXTRA_ARGS_KEY, VECTORS_ENV
+from avec.vllm import EXTRA_ARGS_KEY
+from avec.vllm.store import vectors_from
 
 PROBE = "avec-probe"
 PROMPT = "Write one sentence about the weather."
@@ -82,19 +82,11 @@ def check_model(model: str, *, enforce_eager: bool = True, max_model_len: int = 
 
     config = AutoConfig.from_pretrained(model)
     layer = config.num_hidden_layers // 2
-    with tempfile.TemporaryDirectory(prefix="avec-vllm-check-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="avec-vllm-check-") as tmp, vectors_from(tmp):
         write_probe(tmp, config.hidden_size, layer)
-        previous = os.environ.get(VECTORS_ENV)
-        os.environ[VECTORS_ENV] = tmp
-        try:
-            llm = LLM(model=model, enforce_eager=enforce_eager, max_model_len=max_model_len,
-                      **llm_kwargs)
-            result = run_check(llm, layer)
-        finally:
-            if previous is None:
-                os.environ.pop(VECTORS_ENV, None)
-            else:
-                os.environ[VECTORS_ENV] = previous
+        llm = LLM(model=model, enforce_eager=enforce_eager, max_model_len=max_model_len,
+                  **llm_kwargs)
+        result = run_check(llm, layer)
     if not result.ok:
         raise SelfCheckFailed(
             ("the steered probe row came back unsteered" if not result.steered_changed else

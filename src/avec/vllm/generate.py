@@ -8,7 +8,6 @@ request (no steering at all). Greedy, stopping at end of sequence like the HF ba
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any, Sequence
@@ -16,7 +15,8 @@ from typing import Any, Sequence
 from avec.generation.hf import Completion, format_prompt
 from avec.models.model import Model
 from avec.vector import SteeringVector
-from avec.vllm import EXTRA_ARGS_KEY, VECTORS_ENV
+from avec.vllm import EXTRA_ARGS_KEY
+from avec.vllm.store import check_flat, vectors_from
 
 VECTOR_NAME = "generate"
 
@@ -34,28 +34,18 @@ def steered_completions(model: Model, model_dir: str, prompts: Sequence[str],
 
     if vector is None and any(c != 0 for c in coefs):
         raise ValueError("a nonzero coefficient needs a vector")
-    if vector is not None and any(v.dim() != 1 for v in vector.directions.values()):
-        raise ValueError("the vLLM backend steers with [d] directions, not [T, d] blocks "
-                         "(ActAdd); use --backend hf")
+    if vector is not None:
+        check_flat(vector, "the vector")
     ids = [format_prompt(model, p, chat)[0] for p in prompts]
-    with tempfile.TemporaryDirectory(prefix="avec-vllm-generate-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="avec-vllm-generate-") as tmp, vectors_from(tmp):
         if vector is not None:
             vector.save(Path(tmp) / f"{VECTOR_NAME}.safetensors")
-        previous = os.environ.get(VECTORS_ENV)
-        os.environ[VECTORS_ENV] = tmp
-        try:
-            llm = LLM(model=model_dir, dtype="float32", enforce_eager=enforce_eager,
-                      **llm_kwargs)
-            jobs = [(i, c) for i in range(len(prompts)) for c in coefs]
-            params = [SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
-                                     extra_args=_entries(c, layers, positions, op, value))
-                      for _, c in jobs]
-            outs = llm.generate([{"prompt_token_ids": ids[i]} for i, _ in jobs], params)
-        finally:
-            if previous is None:
-                os.environ.pop(VECTORS_ENV, None)
-            else:
-                os.environ[VECTORS_ENV] = previous
+        llm = LLM(model=model_dir, dtype="float32", enforce_eager=enforce_eager, **llm_kwargs)
+        jobs = [(i, c) for i in range(len(prompts)) for c in coefs]
+        params = [SamplingParams(temperature=0.0, max_tokens=max_new_tokens,
+                                 extra_args=_entries(c, layers, positions, op, value))
+                  for _, c in jobs]
+        outs = llm.generate([{"prompt_token_ids": ids[i]} for i, _ in jobs], params)
     return [Completion(prompts[i], float(c), o.outputs[0].text) for (i, c), o in zip(jobs, outs)]
 
 

@@ -122,21 +122,20 @@ def _patch_runner() -> None:
 def _patch_warmup() -> None:
     from vllm.v1.worker.cpu_worker import CPUWorker
 
-    for worker in (CPUWorker,):
-        if getattr(worker, "_avec_patched", False):
-            continue
-        warm = worker.compile_or_warm_up_model
+    if getattr(CPUWorker, "_avec_patched", False):
+        return
+    warm = CPUWorker.compile_or_warm_up_model
 
-        @functools.wraps(warm)
-        def compile_or_warm_up_model(self: Any, _warm: Any = warm) -> Any:
-            out = _warm(self)
-            if not STATE.calls:  # eager mode may skip the warm-up: run one dummy step
-                self.model_runner._dummy_run(8)
-            check_op_ran(self.model_config.get_num_layers(self.parallel_config))
-            return out
+    @functools.wraps(warm)
+    def compile_or_warm_up_model(self: Any) -> Any:
+        out = warm(self)
+        if not STATE.calls:  # eager mode may skip the warm-up: run one dummy step
+            self.model_runner._dummy_run(8)
+        check_op_ran(self.model_config.get_num_layers(self.parallel_config))
+        return out
 
-        worker.compile_or_warm_up_model = compile_or_warm_up_model
-        worker._avec_patched = True
+    CPUWorker.compile_or_warm_up_model = compile_or_warm_up_model
+    CPUWorker._avec_patched = True
 
 
 def check_op_ran(n_layers: int) -> None:
@@ -162,7 +161,6 @@ def _patch_admission() -> None:
     if getattr(InputProcessor, "_avec_patched", False):
         return
     process = InputProcessor.process_inputs
-    stores: dict[int, VectorStore] = {}
 
     @functools.wraps(process)
     def process_inputs(self: Any, request_id: str, prompt: Any, params: Any, *args: Any,
@@ -170,7 +168,9 @@ def _patch_admission() -> None:
         extra = getattr(params, "extra_args", None)
         entries = ()
         if extra:
-            store = stores.setdefault(id(self), VectorStore.from_env())
+            store = getattr(self, "_avec_store", None)
+            if store is None:  # built once per front end, not per request
+                store = self._avec_store = VectorStore.from_env()
             n_layers = self.model_config.get_total_num_hidden_layers()
             try:
                 entries = parse(extra, store, n_layers)

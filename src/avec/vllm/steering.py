@@ -152,12 +152,11 @@ def apply(state: WorkerState, hidden: torch.Tensor, residual: torch.Tensor,
         if b <= a:
             continue
         e = item.entry
-        v = e.stored.at(layer, out.device, out.dtype)
+        v, unit = e.stored.at(layer, out.device, out.dtype)
         rows = out[a:b]  # a view: updated in place
         if e.op == "add":
             rows += e.coef * v
             continue
-        unit = v / v.norm()
         target = 0.0 if e.op == "ablate" else e.value
         rows += (e.coef * (target - (rows + residual[a:b]) @ unit)).unsqueeze(-1) * unit
     return out

@@ -6,8 +6,10 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -17,17 +19,47 @@ from avec.vector import SteeringVector, load_vector
 SUFFIXES = (".safetensors", ".gguf")
 
 
+def check_flat(vector: SteeringVector, where: str) -> None:
+    """The vLLM backend steers with ``[d]`` directions; refuse ``[T, d]`` blocks (ActAdd)."""
+    if any(v.dim() != 1 for v in vector.directions.values()):
+        raise AvecError(f"{where}: the vLLM backend steers with [d] directions; this vector "
+                        f"holds per-position [T, d] blocks (ActAdd): use --backend hf")
+
+
+@contextmanager
+def vectors_from(directory: str | Path) -> Iterator[None]:
+    """``$AVEC_VLLM_VECTORS`` set to ``directory`` inside the block (vLLM processes started
+    there inherit it), restored after."""
+    from avec.vllm import VECTORS_ENV
+
+    previous = os.environ.get(VECTORS_ENV)
+    os.environ[VECTORS_ENV] = str(directory)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(VECTORS_ENV, None)
+        else:
+            os.environ[VECTORS_ENV] = previous
+
+
 @dataclass
 class StoredVector:
     vector: SteeringVector
     digest: str  # sha256 of the file: part of the prefix-cache salt
-    cast: dict[tuple[str, torch.dtype], dict[int, torch.Tensor]] = field(default_factory=dict)
+    # per (device, dtype): each layer's (direction, unit direction), made once, reused per step
+    cast: dict[tuple[str, torch.dtype], dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(
+        default_factory=dict)
 
-    def at(self, layer: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    def at(self, layer: int, device: torch.device, dtype: torch.dtype
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s direction and its unit vector, on ``device`` in ``dtype``."""
         key = (str(device), dtype)
         if key not in self.cast:
-            self.cast[key] = {L: v.to(device=device, dtype=dtype)
-                              for L, v in self.vector.directions.items()}
+            self.cast[key] = {}
+            for L, v in self.vector.directions.items():
+                v = v.to(device=device, dtype=dtype)
+                self.cast[key][L] = (v, v / v.norm())
         return self.cast[key][layer]
 
 
@@ -64,9 +96,7 @@ class VectorStore:
                     continue
                 data = path.read_bytes()
                 vec = load_vector(path)
-                if any(v.dim() != 1 for v in vec.directions.values()):
-                    raise AvecError(f"{path}: the vLLM backend steers with [d] directions; "
-                                    f"this file holds per-position [T, d] blocks (ActAdd)")
+                check_flat(vec, str(path))
                 self._vectors[path.stem] = StoredVector(vec, hashlib.sha256(data).hexdigest())
                 self._scanned[path.name] = mtime
 
