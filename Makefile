@@ -128,6 +128,7 @@ bench: $(STAMP) $(LLAMA_STAMP) $(VLLM_STAMP)
 	$(PY) bench/bench_core.py
 	$(PY) bench/bench_serve.py
 	$(PY) bench/bench_llamacpp.py
+	$(PY) bench/bench_tune.py
 	$(VPY) bench/bench_vllm.py
 
 # the refusal-direction study from scratch (fine-tune, select, orthogonalize, evaluate)

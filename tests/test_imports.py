@@ -218,7 +218,7 @@ LAYERS: dict[str, int] = {
     "intervene": 6,
     "generation": 7,
     "evaluate": 8,
-    "sae": 9, "discover": 9, "tune": 9,
+    "sae": 9, "discover": 9, "tuning": 9,
     "studies": 10,
     "serve": 11,
     "vllm": 12,  # the vLLM plugin reuses serve's request schema and limits

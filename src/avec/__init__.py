@@ -19,7 +19,8 @@ from avec.models import Model, load_model
 from avec.models.modules import ModuleModel, difference_vector, read_sites
 from avec.intervene.orthogonalize import orthogonalize_weights, save_orthogonalized
 from avec.intervene.steer import Intervention, steer
-from avec.vector import SteeringVector, load_vector
+from avec.vector import Recommendation, SteeringVector, load_vector
+from avec.tuning import TuneConfig, TuneResult, tune
 
 __all__ = [
     "AvecError", "Completion", "ContrastPair", "DataError", "Intervention", "Model",
@@ -27,5 +28,5 @@ __all__ = [
     "VectorFileError", "__version__", "ablate_direction", "difference_vector", "extract", "load_ab_pairs",
     "load_jsonl_pairs", "load_model", "load_pairs", "load_prompts", "load_vector",
     "orthogonalize_weights", "read_activations", "read_sites", "save_orthogonalized", "steer",
-    "steered_completions",
+    "steered_completions", "Recommendation", "TuneConfig", "TuneResult", "tune",
 ]

@@ -24,6 +24,41 @@ from avec.formats.vector_checks import (SAFETENSORS_FLOAT_DTYPES, check_metadata
 FORMAT_VERSION = 1
 METADATA_KEY = "avec"
 TENSOR_PREFIX = "layer."
+RECOMMENDED_KEY = "recommended"
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """How to use a vector, as ``avec tune`` measured it: ``op`` with ``coef`` at ``layers`` on
+    ``positions`` (``value`` for clamp). It lives in the vector file's metadata under
+    ``recommended``, next to ``details``: the budget it was tuned under, the score it reached
+    (held-in and held-out), the model it was measured on and how (``avec tune`` writes them;
+    they are kept as given). ``generate``, ``serve`` and the playground use it when a command or
+    request gives no coefficient."""
+
+    layers: tuple[int, ...]
+    coef: float
+    op: str = "add"
+    positions: str | int = "all"
+    value: float = 0.0
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layers": list(self.layers), "coef": self.coef, "op": self.op,
+                "positions": self.positions, "value": self.value, **dict(self.details)}
+
+    @classmethod
+    def from_dict(cls, block: Mapping[str, Any]) -> "Recommendation":
+        """Read a ``recommended`` block (its types are checked when the file is loaded)."""
+        core = ("layers", "coef", "op", "positions", "value")
+        return cls(tuple(int(L) for L in block["layers"]), float(block["coef"]),
+                   str(block.get("op", "add")), block.get("positions", "all"),
+                   float(block.get("value", 0.0)),
+                   {k: v for k, v in block.items() if k not in core})
+
+    def scaled(self, factor: float) -> "Recommendation":
+        """The same setting with ``factor`` times the coefficient."""
+        return replace(self, coef=self.coef * float(factor))
 
 
 @dataclass
@@ -121,11 +156,40 @@ class SteeringVector:
             for L in shared}
 
     def select(self, layers: list[int]) -> "SteeringVector":
-        """A vector restricted to some of its layers."""
+        """A vector restricted to some of its layers (a ``recommended`` setting that needs
+        other layers is dropped)."""
         missing = [L for L in layers if L not in self.directions]
         if missing:
             raise ValueError(f"vector has no layer(s) {missing}; it has {self.layers}")
-        return SteeringVector({L: self.directions[L] for L in layers}, dict(self.metadata))
+        meta = dict(self.metadata)
+        rec = self.recommended
+        if rec is not None and not set(rec.layers) <= set(layers):
+            meta.pop(RECOMMENDED_KEY)
+        return SteeringVector({L: self.directions[L] for L in layers}, meta)
+
+    # ---- how to use it ---------------------------------------------------------------------
+    @property
+    def recommended(self) -> Recommendation | None:
+        """The setting ``avec tune`` recommended for this vector, if any."""
+        block = self.metadata.get(RECOMMENDED_KEY)
+        return Recommendation.from_dict(block) if isinstance(block, Mapping) else None
+
+    def with_recommendation(self, rec: Recommendation) -> "SteeringVector":
+        """A copy whose metadata carries ``rec`` (its layers must be this vector's)."""
+        missing = [L for L in rec.layers if L not in self.directions]
+        if missing:
+            raise ValueError(f"the recommended layers {missing} are not in this vector "
+                             f"({self.layers})")
+        return SteeringVector(dict(self.directions),
+                              {**self.metadata, RECOMMENDED_KEY: rec.to_dict()})
+
+    def require_recommended(self, what: str = "this vector") -> Recommendation:
+        """:attr:`recommended`, or a :class:`ValueError` that says what to do instead."""
+        rec = self.recommended
+        if rec is None:
+            raise ValueError(f"{what} has no recommended setting: give a coefficient (and "
+                             f"layers), or run `avec tune` on it to measure one")
+        return rec
 
     # ---- I/O -----------------------------------------------------------------------------
     def save(self, path: str | Path) -> Path:

@@ -206,9 +206,9 @@ def test_serve_flag_defaults_are_the_servers_own_limits():
     args = build_parser().parse_args(["serve"])
     lim, conn = Limits(), ConnectionLimits()
     assert (args.max_tokens, args.max_queue, args.request_timeout, args.max_abs_coef,
-            args.max_abs_value, args.max_vectors) == (
+            args.max_abs_value, args.max_vectors, args.max_batch) == (
         lim.max_tokens, lim.max_queue, lim.request_timeout_s, lim.max_abs_coef,
-        lim.max_abs_value, lim.max_vectors)
+        lim.max_abs_value, lim.max_vectors, lim.max_batch)
     assert args.max_store_mb * 2**20 == lim.max_store_bytes
     assert (args.idle_timeout, args.body_timeout, args.max_connections) == (
         conn.idle_timeout_s, conn.body_timeout_s, conn.max_connections)
@@ -226,4 +226,24 @@ def test_vllm_check_without_vllm_says_how_to_install(capsys):
 
     assert not vllm_available()
     assert main(["vllm-check"]) == 1
+    assert "pip install 'avec[vllm]'" in capsys.readouterr().err
+
+
+def test_serve_default_steering_is_checked_before_anything_loads(capsys, tmp_path):
+    """`--default-steering` takes JSON or a file holding it; a bad one is one line, exit 2,
+    before the model loads (and --backend vllm without vLLM says how to install it)."""
+    from avec.cli.main import main
+    from avec.cli.serve import _default_steering
+
+    assert _default_steering(None) == []
+    (tmp_path / "d.json").write_text('[{"vector": "v", "coef": 2}]')
+    (spec,) = _default_steering(str(tmp_path / "d.json"))
+    assert (spec.vector, spec.coef, spec.op) == ("v", 2.0, "add")
+    assert _default_steering('{"vector": "v", "coef": 1, "op": "ablate"}')[0].op == "ablate"
+    for bad, needle in (('[{"vector": "v", "coef": "x"}]', "coef"), ("[{", "--default-steering"),
+                        ('[{"vector": "v", "coef": 1, "op": "scale"}]', "op")):
+        assert main(["serve", "--default-steering", bad]) == 2
+        err = capsys.readouterr().err
+        assert "--default-steering" in err and needle in err, err
+    assert main(["serve", "--backend", "vllm"]) == 2
     assert "pip install 'avec[vllm]'" in capsys.readouterr().err

@@ -167,7 +167,7 @@ def test_generate_cli_on_llama_cpp(capsys, tmp_path, lcpp, ocean):
     ref = steered_completions(lcpp, [PROMPTS[0]], ocean, [8.0], max_new_tokens=16)
     assert [r["text"] for r in rows] == [ref[0].text]
     assert main(["generate", "--backend", "llama.cpp", "--vector", str(path), "--op", "ablate",
-                 "--prompt", "hi"]) == 2
+                 "--coef", "1", "--prompt", "hi"]) == 2
     assert "cannot run on the llama.cpp backend" in capsys.readouterr().err
 
 

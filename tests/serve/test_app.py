@@ -103,6 +103,64 @@ def test_plain_and_steered_completion(client, served, tiny_llama):
         tiny_llama, engine.registry, "hello", 8, [{"vector": "v0", "coef": 8.0}])
 
 
+def test_default_steering_applies_first_and_a_request_can_switch_it_off(client, served,
+                                                                        tiny_llama):
+    from avec.errors import SteeringError
+    from avec.serve.schemas import SteeringSpec
+
+    engine = served[0]
+    text = lambda r: r["choices"][0]["message"]["content"]  # noqa: E731
+    plain = text(chat(client, "hello"))
+    v0 = [{"vector": "v0", "coef": 8.0}]
+    steered = text(chat(client, "hello", steering=v0))
+    engine.set_default([SteeringSpec(vector="v0", coef=8.0)])
+    try:
+        assert text(chat(client, "hello")) == steered
+        assert text(chat(client, "hello", default_steering=False)) == plain
+        both = text(chat(client, "hello", steering=[{"vector": "v1", "coef": 8.0}]))
+        assert both == reference(tiny_llama, engine.registry, "hello", 8,
+                                 v0 + [{"vector": "v1", "coef": 8.0}])
+        r = client.post("/v1/chat/completions", json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+            "steering": v0})
+        assert "repeats default_steering[0]" in error_of(r, 400)
+        assert "default_steering: false" in error_of(r, 400)
+        with pytest.raises(SteeringError, match=r"default_steering\[0\]: \|coef\| 99"):
+            engine.set_default([SteeringSpec(vector="v0", coef=99.0)])
+    finally:
+        engine.set_default([])
+    assert text(chat(client, "hello")) == plain
+
+
+def test_an_entry_without_coef_uses_the_recommended_setting(client, served, tiny_llama):
+    from avec.vector import Recommendation
+
+    engine = served[0]
+    tuned = random_vector(tiny_llama.d_model, [1, 2], seed=9).with_recommendation(
+        Recommendation((2,), 5.0, details={"budget": {"metric": "kl", "max": 1.0}}))
+    engine.registry.put("tuned", tuned)
+    text = lambda r: r["choices"][0]["message"]["content"]  # noqa: E731
+    try:
+        same = text(chat(client, "hello", steering=[{"vector": "tuned", "coef": 5.0,
+                                                     "layers": [2]}]))
+        assert text(chat(client, "hello", steering=[{"vector": "tuned"}])) == same
+        assert text(chat(client, "hello", steering=[{"vector": "tuned",
+                                                     "coef": "recommended"}])) == same
+        half = text(chat(client, "hello", steering=[{"vector": "tuned", "coef": 2.5,
+                                                     "layers": [2]}]))
+        assert text(chat(client, "hello", steering=[{"vector": "tuned",
+                                                     "coef_scale": 0.5}])) == half
+        listed = {v["name"]: v for v in client.get("/v1/vectors").json()["data"]}
+        assert listed["tuned"]["recommended"]["coef"] == 5.0
+        assert listed["v0"]["recommended"] is None
+        r = client.post("/v1/chat/completions", json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+            "steering": [{"vector": "v0"}]})
+        assert "steering[0].coef: vector 'v0' has no recommended setting" in error_of(r, 400)
+    finally:
+        engine.registry.remove("tuned")
+
+
 @pytest.mark.parametrize("extra, status, needle", [
     ({"steering": [{"vector": "nope", "coef": 1.0}]}, 400, "unknown vector 'nope'"),
     ({"steering": [{"vector": "v0", "coef": 1.0, "layers": [3]}]}, 400, "not in vector 'v0'"),
@@ -308,3 +366,56 @@ def test_sampling_is_seeded_per_request(client, served, tiny_llama):
     assert got[0::3] == [solo] * 4
     assert got[1::3] == [greedy] * 4
     assert len(set(got[2::3])) == 1
+
+
+def test_conditional_entries_steer_only_matching_requests(client, served, tiny_llama):
+    """A ``when`` entry (CAST) decided per request from its own prompt: among concurrent
+    requests, those whose prompt meets the condition equal unconditional generated-only steering,
+    the others equal the plain model; a bad condition is a 400 naming the field."""
+    from avec.intervene.condition_fit import prompt_means
+    from avec.intervene.conditions import condition_vector
+
+    engine = served[0]
+    prompts = ["hello", "zq!! xv?? 17 zzzz"]
+    g = torch.Generator().manual_seed(5)
+    direction = torch.randn(tiny_llama.d_model, generator=g)
+    means = prompt_means(tiny_llama, prompts, [1])[1]
+    values = torch.nn.functional.cosine_similarity(means, direction.expand(2, -1), dim=-1)
+    above = int(values.argmax())
+    engine.registry.put("cond", condition_vector(direction, 1, float(values.mean())))
+
+    def want(content: str, met: bool) -> str:
+        ivs = [Intervention(engine.registry.get("v0"), 8.0, positions="generated")] if met \
+            else []
+        with steer(tiny_llama, ivs):
+            toks = generate_ids(tiny_llama, [prompt_ids(tiny_llama, content)], 6)[0]
+        return tiny_llama.tokenizer.decode(toks, skip_special_tokens=True)
+
+    conditional = [{"vector": "v0", "coef": 8.0, "when": {"vector": "cond"}}]
+    negated = [{"vector": "v0", "coef": 8.0, "when": {"not": {"vector": "cond"}}}]
+    jobs = [(prompts[i % 2], conditional if i % 4 < 2 else negated) for i in range(16)]
+
+    def run(job):
+        content, steering = job
+        return chat(client, content, steering=steering, max_tokens=6)["choices"][0][
+            "message"]["content"]
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        got = list(pool.map(run, jobs))
+    expected = [want(c, (c == prompts[above]) == (s is conditional)) for c, s in jobs]
+    assert got == expected
+    assert want(prompts[above], True) != want(prompts[above], False)  # steering shows
+
+    for steering, needle in [
+            ([{"vector": "v0", "coef": 1.0, "when": {"vector": "nope"}}], "steering[0].when"),
+            ([{"vector": "v0", "coef": 1.0, "when": {"vector": "cond", "op": "="}}],
+             "steering[0].when.op"),
+            ([{"vector": "v0", "coef": 1.0, "when": {"any": [{"vector": "cond"}]}}],
+             "steering[0].when.any"),
+            ([{"vector": "v0", "coef": 1.0, "per_token": True}], "per_token"),
+            ([{"vector": "v0", "coef": 1.0, "when": {"vector": "cond"}, "positions": "all"}],
+             "positions")]:
+        r = client.post("/v1/chat/completions", json={
+            "model": MODEL_ID, "messages": [{"role": "user", "content": "hi"}],
+            "steering": steering})
+        assert needle in error_of(r, 400), steering

@@ -31,8 +31,12 @@ def chromium_path() -> str:
 def test_playground_in_chromium(real_model):
     from avec.serve import Engine, Limits, VectorRegistry, create_app
 
+    from avec.vector import Recommendation
+
     registry = VectorRegistry(real_model)
-    registry.put("ocean", extract(real_model, DEMO_PAIRS, [14]))
+    # a tuned vector: the page starts its controls at the recommended setting
+    registry.put("ocean", extract(real_model, DEMO_PAIRS, [12, 14]).with_recommendation(
+        Recommendation((14,), 7.5, details={"budget": {"metric": "kl", "max": 1.0}})))
     engine = Engine(real_model, registry, Limits(max_tokens=64))
     app = create_app(engine, api_key="k3y", model_id=real_model.name)
     try:
@@ -60,6 +64,8 @@ def browse(url: str, model_name: str) -> tuple[str, str]:
             page.dispatch_event("#key", "change")
             page.wait_for_selector("#vector option[value=ocean]", state="attached")
             assert model_name in page.inner_text("#model")
+            assert page.input_value("#coef") == "7.5" and page.input_value("#layers") == "14"
+            assert "recommended: 7.5 at layer(s) 14 (kl <= 1)" in page.inner_text("#rec")
             page.fill("#prompt", "Tell me about your day.")
             page.fill("#max", "24")
             page.click("#go")

@@ -11,6 +11,7 @@ from avec.data.demo import DEMO_PAIRS
 from avec.directions.extract import extract
 from avec.generation.hf import steered_completions
 from avec.models import load_model
+from processes import stop
 
 PROMPTS = ["Tell me a story.", "What should I cook tonight?"]
 
@@ -48,3 +49,72 @@ def test_vllm_check_command():
     report = json.loads(done.stdout)
     assert report["ok"] and report["steered"] != report["reference"]
     assert report["plain"] == report["reference"]
+
+
+def test_vllm_check_fails_when_steering_does_not_fire():
+    """Fault injection (``AVEC_VLLM_FAULT=no-steer``): the op runs at every layer, so the
+    worker's start-up check passes, but it never steers; the self-check catches it."""
+    import os
+
+    done = subprocess.run([sys.executable, "-m", "avec.cli.main", "vllm-check", "--json"],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1",
+                               "AVEC_VLLM_FAULT": "no-steer"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert not report["ok"] and "came back unsteered" in report["message"]
+
+
+def test_avec_serve_with_the_vllm_backend(tmp_path):
+    """`avec serve --backend vllm`: vectors from --vectors, a --default-steering, the playground
+    page, a steered and a plain reply through the HTTP API."""
+    import os
+    import socket
+    import time
+
+    import httpx
+
+    hf = load_model()
+    extract(hf, DEMO_PAIRS, [10]).save(tmp_path / "vectors" / "ocean.safetensors")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "avec.cli.main", "serve", "--backend", "vllm", "--eager",
+         "--vectors", str(tmp_path / "vectors"), "--port", str(port), "--max-tokens", "16",
+         "--default-steering", '[{"vector": "ocean", "coef": 8}]'],
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}, stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    stopped = False
+    try:
+        deadline = time.time() + 300
+        while True:
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "avec serve --backend vllm did not start in 300 s"
+            try:
+                if httpx.get(f"{url}/v1/models", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(1)
+        assert "<html" in httpx.get(url).text.lower()
+
+        def reply(**extra) -> str:
+            body = {"model": "default", "max_tokens": 16,
+                    "messages": [{"role": "user", "content": PROMPTS[0]}], **extra}
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]["message"]["content"]
+
+        ref = steered_completions(hf, PROMPTS[:1], None, [0.0], max_new_tokens=16)[0].text
+        assert reply(default_steering=False) == ref  # plain: the HF model's text
+        assert reply() != ref  # the default steering applies
+        assert reply(default_steering=False, steering=[{"vector": "ocean", "coef": 8}]) \
+            == reply()
+        # SIGTERM stops vLLM's engine processes too (uvicorn re-raises the signal once it has
+        # stopped, so the engine shuts down in the app's lifespan, not in a `finally`)
+        assert stop(proc) == []
+        stopped = True
+    finally:
+        if not stopped:
+            stop(proc)

@@ -15,6 +15,7 @@ import torch
 from avec.models.loading import model_directory
 from avec.vector import SteeringVector
 from avec.vllm import VECTORS_ENV
+from processes import stop
 
 
 def _free_port() -> int:
@@ -37,7 +38,8 @@ def server(tmp_path_factory):
         [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_directory(),
          "--served-model-name", "smollm2", "--dtype", "float32", "--enforce-eager",
          "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while time.time() < deadline:
@@ -49,11 +51,10 @@ def server(tmp_path_factory):
         except httpx.HTTPError:
             time.sleep(1)
     else:
-        proc.kill()
+        stop(proc)
         raise RuntimeError("vLLM's server did not start in 300 s")
     yield url
-    proc.terminate()
-    proc.wait(timeout=60)
+    stop(proc)  # its engine processes included
 
 
 def _chat(url: str, steering: list[dict] | str | None) -> tuple[int, dict]:

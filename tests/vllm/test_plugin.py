@@ -39,6 +39,12 @@ SETTINGS: dict[str, list[dict]] = {
                 {"vector": "ocean", "coef": 1.0, "op": "clamp", "value": 20.0}],
 }
 MAX_TOKENS = 12
+# a condition (CAST) fitted on these: steer only prompts about food
+FOOD = ["What should I cook tonight?", "Give me a recipe for pancakes.", "How do I bake bread?",
+        "What goes well with pasta?", "Suggest a healthy breakfast.",
+        "How long should I boil an egg?"]
+OTHER = ["Tell me a story.", "What is the capital of France?", "Give me advice on my career.",
+         "How do planes fly?", "Describe your morning commute.", "Explain how tides work."]
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +63,18 @@ def vectors(hf, tmp_path_factory):
     SteeringVector({10: r / r.norm() * 20.0, 20: -r / r.norm() * 20.0}).save(
         d / "rand.safetensors")
     return d
+
+
+@pytest.fixture(scope="module")
+def food(hf, vectors):
+    """The fitted condition saved as ``food``; the HF decision for each of FOOD + OTHER."""
+    from avec.intervene.condition_fit import fit, prompt_means
+
+    result = fit(hf, FOOD, OTHER, [8], held_out=0.34, seed=0)
+    result.vector(hf).save(vectors / "food.safetensors")
+    met = result.leaf.met(prompt_means(hf, FOOD + OTHER, [8])).tolist()
+    assert any(met) and not all(met)
+    return met
 
 
 def start(vectors, **kwargs):
@@ -91,9 +109,10 @@ def params(entries: list[dict], max_tokens: int = MAX_TOKENS):
                           extra_args=extra)
 
 
-def run(llm, ids: list[list[int]], entries: list[list[dict]]) -> list[list[int]]:
-    outs = llm.generate([{"prompt_token_ids": x} for x in ids], [params(e) for e in entries],
-                        use_tqdm=False)
+def run(llm, ids: list[list[int]], entries: list[list[dict]], max_tokens: int = MAX_TOKENS
+        ) -> list[list[int]]:
+    outs = llm.generate([{"prompt_token_ids": x} for x in ids],
+                        [params(e, max_tokens) for e in entries], use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
@@ -264,3 +283,100 @@ def test_an_unsupported_architecture_refuses_to_start(tmp_path):
                           env=env, timeout=600)
     assert done.returncode != 0
     assert "avec's steering op did not run at layer(s) [0, 1] of 2" in done.stdout + done.stderr
+
+
+def test_preempted_requests_keep_their_steering(vectors, hf, food):
+    """A KV cache of 5 blocks (128 tokens each) for 6 requests of 85 + 80 tokens: vLLM preempts
+    running requests and recomputes them later (counted by its own metric); every request,
+    steered on its generated tokens, conditionally, or plain, equals its run alone."""
+    engine = start(vectors, enforce_eager=True, num_gpu_blocks_override=5,
+                   disable_log_stats=False)
+    try:
+        topics = ["Tell me about the ocean and its creatures. ",
+                  "Tell me how to cook a good tomato pasta sauce. "]
+        ids = [prompt_ids(hf, topics[i // 3] * 8 + f"Part {i}.") for i in range(6)]
+        kinds = [[], [{"vector": "rand", "coef": 1.0, "positions": "generated"}],
+                 [{"vector": "rand", "coef": 1.0, "when": {"vector": "food"}}]]
+        entries = [kinds[i % 3] for i in range(6)]
+        outs = engine.generate([{"prompt_token_ids": x} for x in ids],
+                               [params(e, max_tokens=80) for e in entries], use_tqdm=False)
+        together = [list(o.outputs[0].token_ids) for o in outs]
+        preemptions = sum(m.value for m in engine.get_metrics()
+                          if m.name == "vllm:num_preemptions")
+        assert preemptions > 0
+        for x, e, got in zip(ids, entries, together):
+            assert run(engine, [x], [e], max_tokens=80)[0] == got
+    finally:
+        stop(engine)
+
+
+def test_the_server_default_steering_comes_first_and_can_be_switched_off(llm, hf, vectors):
+    """``$AVEC_VLLM_DEFAULT`` (read when the front end is built; set here on the running
+    engine's front end): every request gets it first, ``avec_default: false`` drops it."""
+    from avec.vllm.requests import default_entries
+    from avec.vllm.store import VectorStore
+
+    ids = [prompt_ids(hf, PROMPTS[1])]
+    plain, steered = run(llm, ids, [[]]), run(llm, ids, [SETTINGS["add"]])
+    both = run(llm, ids, [SETTINGS["add"] + [{"vector": "rand", "coef": 1.0}]])
+    front = llm.llm_engine.input_processor
+    front._avec_default = default_entries(VectorStore(vectors), hf.n_layers,
+                                          text=json.dumps(SETTINGS["add"]))
+    try:
+        assert run(llm, ids, [[]]) == steered
+        assert run(llm, ids, [[{"vector": "rand", "coef": 1.0}]]) == both
+        sp = params([])
+        sp.extra_args = {"avec_default": "off"}
+        out = llm.generate([{"prompt_token_ids": ids[0]}], sp, use_tqdm=False)
+        assert list(out[0].outputs[0].token_ids) == plain[0]
+    finally:
+        front._avec_default = ()
+    assert run(llm, ids, [[]]) == plain
+
+
+def test_a_bad_default_steering_stops_the_engine_at_start(vectors, monkeypatch):
+    monkeypatch.setenv("AVEC_VLLM_DEFAULT", json.dumps([{"vector": "ocean", "coef": 1.0,
+                                                         "layers": [3]}]))
+    with pytest.raises(Exception, match=r"default steering is invalid: \$AVEC_VLLM_DEFAULT\[0\]"
+                                        r"\.layers: vector 'ocean' has no layer 3"):
+        start(vectors, enforce_eager=True)
+
+
+def test_the_start_up_check_refuses_an_engine_whose_op_was_removed(tmp_path):
+    """Fault injection (``AVEC_VLLM_FAULT=skip-op``): the layers are built without the op, as a
+    vLLM change that bypassed it would; the worker refuses to start instead of serving."""
+    import subprocess
+    import sys
+
+    code = ("from vllm import LLM\n"
+            "if __name__ == '__main__':\n"
+            f"    LLM(model={model_directory()!r}, enforce_eager=True, max_model_len=128)\n")
+    script = tmp_path / "start.py"
+    script.write_text(code)
+    env = {**os.environ, VECTORS_ENV: "", "AVEC_VLLM_FAULT": "skip-op"}
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert done.returncode != 0
+    assert "avec's steering op did not run at layer(s) [0, 1, 2, 3, 4, 5, 6, 7] of 30" in (
+        done.stdout + done.stderr)
+
+
+def test_conditional_steering_only_for_prompts_that_meet_the_condition(llm, hf, food):
+    """CAST in one continuous batch: a conditional entry's requests equal generated-only
+    steering where the prompt meets the condition (as HF decides it) and the plain model where
+    it does not; plain and unconditionally steered batchmates are unchanged."""
+    prompts = [prompt_ids(hf, p) for p in FOOD + OTHER]
+    cond = [{"vector": "ocean", "coef": 12.0, "when": {"vector": "food"}}]
+    negated = [{"vector": "ocean", "coef": 12.0, "when": {"not": {"vector": "food"}}}]
+    jobs = ([(x, cond) for x in prompts] + [(x, negated) for x in prompts]
+            + [(x, SETTINGS["add"]) for x in prompts[::3]] + [(x, []) for x in prompts[1::3]])
+    together = run(llm, [x for x, _ in jobs], [e for _, e in jobs])
+    steered = run(llm, prompts, [SETTINGS["generated_only"]] * len(prompts))
+    plain = run(llm, prompts, [[]] * len(prompts))
+    n = len(prompts)
+    for i, met in enumerate(food):
+        assert together[i] == (steered[i] if met else plain[i]), (i, met)
+        assert together[n + i] == (plain[i] if met else steered[i]), (i, met)
+    assert together[2 * n:] == run(llm, [x for x, _ in jobs[2 * n:]],
+                                   [e for _, e in jobs[2 * n:]])
+    assert any(s != p for s, p in zip(steered, plain))

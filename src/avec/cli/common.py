@@ -77,6 +77,9 @@ def add_vector_io_args(p: argparse.ArgumentParser) -> None:
                    help="keep only these layers: 14, 4,8,12 or 4-20[:step]")
     p.add_argument("--model-hint", default=None,
                    help="GGUF model hint (default: the model type the vector was made on)")
+    p.add_argument("--raw", action="store_true",
+                   help="GGUF output: write the directions as they are, without a tuned "
+                        "vector's recommended coefficient multiplied in")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 

@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from avec._version import __version__
 from avec.cli import compare as cli_compare
+from avec.cli import condition as cli_condition
 from avec.cli import demo as cli_demo
 from avec.cli import discover as cli_discover
 from avec.cli import evaluate as cli_evaluate
@@ -23,13 +24,14 @@ from avec.cli import models as cli_models
 from avec.cli import refusal as cli_refusal
 from avec.cli import sae as cli_sae
 from avec.cli import serve as cli_serve
+from avec.cli import tune as cli_tune
 from avec.cli import vectors as cli_vectors
 from avec.cli import vllm as cli_vllm
 from avec.cli.args import check_text_args
 
 # The command groups, in the order their commands appear in ``avec --help``.
-GROUPS = (cli_vectors, cli_generate, cli_evaluate, cli_compare, cli_serve, cli_refusal,
-          cli_maze, cli_discover, cli_sae, cli_vllm, cli_models, cli_demo)
+GROUPS = (cli_vectors, cli_generate, cli_evaluate, cli_tune, cli_condition, cli_compare, cli_serve,
+          cli_refusal, cli_maze, cli_discover, cli_sae, cli_vllm, cli_models, cli_demo)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}

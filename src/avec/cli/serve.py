@@ -31,9 +31,23 @@ def _add_serve_parser(sub: Any) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="bind address (default loopback; 0.0.0.0 exposes it to the network)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--backend", choices=["hf", "llama.cpp"], default="hf",
+    p.add_argument("--backend", choices=["hf", "llama.cpp", "vllm"], default="hf",
                    help="hf: transformers, batched, every op; llama.cpp: the .gguf model run "
-                        "by llama-cpp-python, one request at a time, op add only, layers >= 1")
+                        "by llama-cpp-python, one request at a time, op add only, layers >= 1; "
+                        "vllm: vLLM's engine with avec's plugin (continuous batching, every op, "
+                        "[d] vectors; needs avec[vllm], see docs/vllm.md)")
+    p.add_argument("--default-steering", default=None, metavar="JSON|FILE",
+                   help="server-wide steering entries (a JSON list, or a file holding one) "
+                        "applied before every request's own; a request switches them off with "
+                        "\"default_steering\": false")
+    p.add_argument("--max-batch", type=count_arg, default=lim.max_batch,
+                   help=f"requests generated together (hf: rows per batch; vllm: "
+                        f"max_num_seqs) (default {lim.max_batch})")
+    p.add_argument("--eager", action="store_true",
+                   help="vllm: no torch.compile (starts in ~25 s instead of ~90 s on the "
+                        "default model; a little slower per token)")
+    p.add_argument("--tensor-parallel-size", type=count_arg, default=1,
+                   help="vllm: tensor-parallel ranks (default 1)")
     p.add_argument("--api-key", default=os.environ.get("AVEC_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $AVEC_API_KEY, or none); "
                         "an empty key is refused")
@@ -80,20 +94,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
                          f"pip install 'avec[serve]'") from None
     check_api_key(args.api_key)
     limits = Limits(max_tokens=args.max_tokens, max_queue=args.max_queue,
+                    max_batch=args.max_batch,
                     request_timeout_s=args.request_timeout, max_abs_coef=args.max_abs_coef,
                     max_abs_value=args.max_abs_value, max_vectors=args.max_vectors,
                     max_store_bytes=int(args.max_store_mb * 1024 * 1024))
     if args.vectors and not Path(args.vectors).is_dir():
         raise ValueError(f"--vectors {args.vectors}: not a directory of vector files")
-    model = common.load_model_for(args)
+    default = _default_steering(args.default_steering)
+    if args.backend == "vllm":
+        model, make_engine = _vllm_engine(args, limits)
+    else:
+        model = common.load_model_for(args)
+        engine_cls = LlamaCppEngine if args.backend == "llama.cpp" else Engine
+        make_engine = lambda registry: engine_cls(model, registry, limits)  # noqa: E731
     registry = VectorRegistry(model, limits.max_vector_bytes, max_vectors=limits.max_vectors,
                               max_total_bytes=limits.max_store_bytes)
     names = registry.load_dir(args.vectors, skip_bad=args.skip_bad_vectors,
                               on_skip=lambda path, why: log(f"skipped {path}: {why}")
                               ) if args.vectors else []
-    engine_cls = LlamaCppEngine if args.backend == "llama.cpp" else Engine
-    engine = engine_cls(model, registry, limits)
-    app = create_app(engine, api_key=args.api_key, model_id=model.name, limits=limits)
+    engine = make_engine(registry)
+    try:
+        engine.set_default(default)
+    except Exception:
+        engine.shutdown()
+        raise
+    # uvicorn re-raises SIGTERM/SIGINT once it has stopped, which ends this process before a
+    # `finally` runs: the engine (vLLM's processes, for --backend vllm) stops when the app
+    # shuts down instead, while uvicorn shuts down gracefully
+    app = create_app(engine, api_key=args.api_key, model_id=model.name, limits=limits,
+                     on_shutdown=engine.shutdown)
     log(f"serving {model.name} on http://{args.host}:{args.port} "
         f"({len(names)} vectors{': ' + ', '.join(names) if names else ''}; "
         f"API key {'required' if args.api_key is not None else 'not set'})")
@@ -105,6 +134,55 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _default_steering(text: str | None) -> list[Any]:
+    """``--default-steering``: entries from JSON text or a file holding it, schema-checked."""
+    if not text:
+        return []
+    from pydantic import TypeAdapter, ValidationError
+
+    from avec.formats.jsonsafe import JSONInputError, loads
+    from avec.serve.schemas import SteeringSpec
+
+    path = Path(text)
+    if not text.lstrip().startswith(("[", "{")) and path.is_file():
+        text = path.read_text(encoding="utf-8")
+    try:
+        raw = loads(text, max_depth=8)
+        return TypeAdapter(list[SteeringSpec]).validate_python(raw if isinstance(raw, list)
+                                                               else [raw])
+    except (JSONInputError, ValidationError) as exc:
+        raise ValueError(f"--default-steering: {exc}") from None
+
+
+def _vllm_engine(args: argparse.Namespace, limits: Any) -> tuple[Any, Callable[[Any], Any]]:
+    """The model stand-in and engine factory of ``--backend vllm``."""
+    from avec.cli.vllm import NO_VLLM
+    from avec.vllm import vllm_available
+
+    if not vllm_available():
+        raise ValueError(NO_VLLM)
+    if args.block_path:
+        raise ValueError("--block-path applies to the hf backend only")
+    from avec.models.loading import model_directory
+    from avec.vllm.engine import VLLMEngine, VLLMModel
+
+    directory = model_directory(args.model)
+    model = VLLMModel(directory, name=_model_name(args.model, directory))
+    log(f"starting vLLM on {directory} ({'eager' if args.eager else 'compiled'}, "
+        f"tensor parallel {args.tensor_parallel_size})")
+    return model, lambda registry: VLLMEngine(
+        directory, registry, limits, model=model, enforce_eager=args.eager,
+        tensor_parallel_size=args.tensor_parallel_size)
+
+
+def _model_name(requested: str | None, directory: str) -> str:
+    if requested is None:
+        from avec.models.loading import DEFAULT_MODEL_FILE
+
+        return DEFAULT_MODEL_FILE.removesuffix(".gguf")
+    return Path(requested).name.removesuffix(".gguf") if Path(requested).exists() else requested
 
 
 def add_parsers(sub: Any) -> None:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 
 from avec.cli import common
 from avec.cli.args import count_arg, int_arg, output_file, seed_arg
-from avec.cli.common import add_model_args, add_vector_io_args, emit_json
+from avec.cli.common import add_model_args, add_vector_io_args, emit_json, log
 from avec.directions.methods import METHODS
 
 
@@ -108,13 +108,25 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.layers:
         vec = vec.select(parse_layers(args.layers))
     out = Path(args.output)
+    info: dict[str, Any] = {"input": args.input, "output": str(out)}
     if getattr(args, "format", None) == "gguf" or out.suffix.lower() == ".gguf":
+        rec = vec.recommended
+        if rec is not None and not args.raw:
+            if rec.op != "add" or rec.positions != "all":
+                raise ValueError(f"the recommended setting is op {rec.op} on positions "
+                                 f"{rec.positions}; a llama.cpp control vector adds at every "
+                                 f"position: export with --raw")
+            vec = vec.select(list(rec.layers)) * rec.coef
+            info["coef_applied"] = rec.coef
+            log(f"the recommended coefficient {rec.coef:g} (layers {list(rec.layers)}) is "
+                f"multiplied into the directions: llama.cpp files have no metadata for it, so "
+                f"use this file at strength 1 (--raw writes the directions unscaled)")
         write_gguf_control_vector(vec, out, model_hint=args.model_hint)
     elif out.suffix.lower() == ".safetensors":
         vec.save(out)
     else:
         raise ValueError(f"{out}: the output must end in .safetensors or .gguf")
-    info = {"input": args.input, "output": str(out), "layers": vec.layers, "width": vec.width}
+    info.update({"layers": vec.layers, "width": vec.width})
     if args.json:
         emit_json(info)
     else:
@@ -125,12 +137,27 @@ def cmd_convert(args: argparse.Namespace) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from avec.vector import load_vector
 
-    info = load_vector(args.file).describe()
+    vec = load_vector(args.file)
+    info = vec.describe()
     if args.json:
         emit_json(info)
-    else:
-        for key, value in info.items():
+        return 0
+    for key, value in info.items():
+        if key != "recommended":
             print(f"{key:>14}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
+    rec = vec.recommended
+    if rec is not None:
+        budget, score = rec.details.get("budget", {}), rec.details.get("score", {})
+        how = []
+        if budget:
+            how.append(f"{budget.get('metric')} {budget.get('value', '?')} <= "
+                       f"{budget.get('max', '?')}")
+        if "held_in" in score:
+            how.append(f"{score.get('metric')} {score['held_in']} held-in"
+                       + (f", {score['held_out']} held-out" if "held_out" in score else "")
+                       + f" (unsteered {score.get('unsteered_held_in', '?')})")
+        print(f"{'recommended':>14}: coef {rec.coef:g} at layer(s) {list(rec.layers)}, op "
+              f"{rec.op}, positions {rec.positions}" + (f"; {'; '.join(how)}" if how else ""))
     return 0
 
 

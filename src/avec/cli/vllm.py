@@ -37,9 +37,9 @@ def cmd_vllm_check(args: argparse.Namespace) -> int:
         log(NO_VLLM)
         return 1
     from avec.models.loading import model_directory
-    from avec.vllm import logs_to_stderr
+    from avec.vllm import prepare_process
 
-    logs_to_stderr()
+    prepare_process()
     from avec.vllm.check import SelfCheckFailed, check_model
 
     model = model_directory(args.model)

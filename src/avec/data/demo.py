@@ -124,3 +124,16 @@ CONCEPT_PROMPTS: list[str] = [
     "How does photosynthesis work?",
     "What are some fun hobbies?",
 ]
+
+# Everyday prompts ``avec tune`` scores by default: the concept prompts and 8 more, disjoint
+# from the neutral KL prompts, so a seeded split leaves held-out prompts to check the choice on.
+TUNE_PROMPTS: list[str] = CONCEPT_PROMPTS + [
+    "What should I know before adopting a dog?",
+    "Give me tips for a long train journey.",
+    "How can I sleep better at night?",
+    "What is a good gift for a friend?",
+    "Plan a relaxing Sunday for me.",
+    "How do I start running?",
+    "What makes a good presentation?",
+    "Tell me something interesting about trees.",
+]

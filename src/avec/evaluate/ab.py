@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from avec.data.pairs import ab_letter
 from avec.directions.activations import pad_batch
 from avec.errors import DataError
-from avec.evaluate.forward import continue_from_cache, prefix_cache
+from avec.evaluate.forward import as_layers, continue_from_cache, prefix_cache
 from avec.models.context import check_lengths, snippet
 from avec.models.model import Model
 from avec.intervene.steer import Op, steer
@@ -92,7 +92,8 @@ def split_prompt(model: Model, question: str, chat: bool) -> tuple[list[int], li
     return ids[:-1], ids[-1:]
 
 
-Variant = tuple[SteeringVector | None, int | None]
+Variant = tuple[SteeringVector | None, int | Sequence[int] | None]
+"""``(vector, layer)``: a layer, several (a band), or ``None`` (unsteered)."""
 
 
 def ab_sweep(model: Model, items: Sequence[ABItem], vector: SteeringVector | None = None,
@@ -154,12 +155,13 @@ def ab_variants(model: Model, items: Sequence[ABItem], variants: Sequence[Varian
                 full = [split[i][0] + split[i][1] for i in rows for _ in coefs]
                 ids, fmask, pos = pad_batch(full, model.tokenizer.pad_token_id, "left",
                                             model.device)
-                with steer(model, vector, coef=row_coefs.repeat(len(rows)), layers=[layer]):
+                with steer(model, vector, coef=row_coefs.repeat(len(rows)),
+                           layers=as_layers(layer)):
                     logits = model.hf(input_ids=ids, attention_mask=fmask, position_ids=pos,
                                       use_cache=False).logits[:, -1].float()
                 record(vi, rows, logits)
             else:
-                with steer(model, vector, coef=row_coefs.repeat(len(rows)), layers=[layer],
-                           op=op):
+                with steer(model, vector, coef=row_coefs.repeat(len(rows)),
+                           layers=as_layers(layer), op=op):
                     record(vi, rows, continue_from_cache(model, cache, mask, list(suffix), n))
     return out

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import copy
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from avec.directions.activations import length_batches, pad_batch
 from avec.models.context import check_lengths
 from avec.models.model import Model, cache_kwarg, output_cache
+
+
+def as_layers(layer: int | Sequence[int]) -> list[int]:
+    """One layer or several, as the list ``steer`` takes."""
+    return [int(layer)] if isinstance(layer, int) else [int(L) for L in layer]
 
 
 def _check(model: Model, token_lists: list[list[int]]) -> None:
@@ -66,12 +71,14 @@ def batched_logits(model: Model, token_lists: list[list[int]], batch_size: int =
 
 
 @torch.inference_mode()
-def steered_logit_rows(model: Model, token_lists: list[list[int]], vector: Any, layer: int | None,
-                       coefs: list[float], batch_size: int = 16):
+def steered_logit_rows(model: Model, token_lists: list[list[int]], vector: Any,
+                       layer: int | Sequence[int] | None, coefs: list[float],
+                       batch_size: int = 16):
     """Yield ``(text_index, coef_index, logits[len, vocab])`` for every text at every coefficient.
 
     Each batch holds a few texts, each repeated once per coefficient with its own per-row
-    coefficient, so k coefficients take one batched pass per group of texts.
+    coefficient, so k coefficients take one batched pass per group of texts. ``layer`` is one
+    layer or several (a band, each layer with the same coefficient).
     """
     from avec.intervene.steer import steer
 
@@ -87,10 +94,12 @@ def steered_logit_rows(model: Model, token_lists: list[list[int]], vector: Any, 
             logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos,
                               use_cache=False).logits
         else:
-            with steer(model, vector, coef=row_coefs.repeat(len(texts)), layers=[layer]):
+            with steer(model, vector, coef=row_coefs.repeat(len(texts)),
+                       layers=as_layers(layer)):
                 logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos,
                                   use_cache=False).logits
         logits = logits.float().cpu()
         for t, i in enumerate(texts):
             for c in range(len(coefs)):
                 yield i, c, logits[t * len(coefs) + c, : len(token_lists[i])]
+

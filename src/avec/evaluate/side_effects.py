@@ -21,7 +21,7 @@ def reference_logprobs(model: Model, prompts: Sequence[str], *, chat: bool | Non
 
 
 def kl_divergence(model: Model, prompts: Sequence[str], vector: SteeringVector | None,
-                  layer: int | None, coefs: Sequence[float], *, chat: bool | None = None,
+                  layer: int | Sequence[int] | None, coefs: Sequence[float], *, chat: bool | None = None,
                   positions: str = "last", batch_size: int = 16,
                   reference: Sequence[torch.Tensor] | None = None) -> list[float]:
     """Mean KL(unsteered || steered) of next-token distributions, one value per coefficient.
@@ -50,7 +50,7 @@ def kl_divergence(model: Model, prompts: Sequence[str], vector: SteeringVector |
 
 
 def perplexity(model: Model, texts: Sequence[str], vector: SteeringVector | None,
-               layer: int | None, coefs: Sequence[float], *, skip_positions: int = 0,
+               layer: int | Sequence[int] | None, coefs: Sequence[float], *, skip_positions: int = 0,
                batch_size: int = 8) -> list[float]:
     """Perplexity of ``texts`` (read as given) under the steered model, one value per coefficient.
 
@@ -73,7 +73,8 @@ def perplexity(model: Model, texts: Sequence[str], vector: SteeringVector | None
 
 
 def logit_difference(model: Model, prompts: Sequence[str], token_pairs: Sequence[tuple[str, str]],
-                     vector: SteeringVector | None, layer: int | None, coefs: Sequence[float], *,
+                     vector: SteeringVector | None, layer: int | Sequence[int] | None,
+                     coefs: Sequence[float], *,
                      chat: bool | None = None, batch_size: int = 16) -> list[float]:
     """Mean over prompts and token pairs of logit(a) - logit(b) at the next token.
 

@@ -128,6 +128,16 @@ _REFUSAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
         "baseline")},
 }
 
+_RECOMMENDED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "layers": (lambda x: _layer_list(x) and len(x) > 0, "a non-empty list of layer indices"),
+    "coef": (_is_number, "a finite number"),
+    "op": (lambda x: x in ("add", "ablate", "clamp"), "add, ablate or clamp"),
+    "positions": (_position, "a string or an integer"),
+    "value": (_is_number, "a finite number"),
+    **{key: (lambda x: isinstance(x, dict), "an object") for key in (
+        "budget", "score", "model", "measured")},
+}
+
 FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "format_version": (lambda x: _is_int(x) and x >= 1, "an integer >= 1"),
     "avec_version": (_str, "a string"), "created": (_str, "a string"),
@@ -148,6 +158,8 @@ FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
                                                       "a string"),
     "tokens": (_count, "a non-negative integer"),
     "prompts": (lambda x: isinstance(x, list) and all(map(_str, x)), "a list of strings"),
+    "recommended": (lambda x: isinstance(x, dict) and "layers" in x and "coef" in x,
+                    "an object with layers and coef"),
 }
 
 
@@ -158,7 +170,8 @@ def check_metadata(path: Path, meta: Mapping[str, Any], directions: Mapping[int,
         if key in meta and not ok(meta[key]):
             raise VectorFileError(f"{path}: metadata field {key!r} must be {kind}, got "
                                   f"{_short(meta[key])}")
-    for outer, fields in (("model", _MODEL_FIELDS), ("refusal", _REFUSAL_FIELDS)):
+    for outer, fields in (("model", _MODEL_FIELDS), ("refusal", _REFUSAL_FIELDS),
+                          ("recommended", _RECOMMENDED_FIELDS)):
         inner = meta.get(outer, {})
         for key, (ok, kind) in fields.items():
             if key in inner and not ok(inner[key]):
@@ -171,6 +184,11 @@ def check_metadata(path: Path, meta: Mapping[str, Any], directions: Mapping[int,
     if "layers" in meta and sorted(meta["layers"]) != layers:
         raise VectorFileError(f"{path}: metadata lists layers {_short(meta['layers'])} but the "
                               f"file holds {layers}")
+    rec = meta.get("recommended")
+    if rec is not None and not set(rec["layers"]) <= set(layers):
+        raise VectorFileError(f"{path}: the recommended setting uses layer(s) "
+                              f"{_short(sorted(set(rec['layers']) - set(layers)))} that the file "
+                              f"does not hold ({layers})")
     shape = list(next(iter(directions.values())).shape)
     if "shape" in meta and meta["shape"] != shape:
         raise VectorFileError(f"{path}: metadata says shape {_short(meta['shape'])} but the "

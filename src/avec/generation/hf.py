@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from avec.directions.activations import pad_batch
 from avec.models.model import Model, cache_kwarg, eos_token_ids, output_cache
+from avec.intervene.conditions import Condition
 from avec.intervene.steer import Intervention, Op, Positions, steer
 from avec.vector import SteeringVector
 
@@ -35,11 +36,7 @@ class Completion:
 
 def format_prompt(model: Model, prompt: str, chat: bool | None = None) -> tuple[list[int], bool]:
     """Token ids of a prompt, chat-templated when ``chat`` (``None``: if the model has a template)."""
-    use_chat = model.has_chat_template if chat is None else chat
-    if use_chat:
-        text = model.chat_prompt(prompt)
-        return list(model.tokenizer(text, add_special_tokens=False)["input_ids"]), True
-    return model.encode([prompt])[0], False
+    return model.prompt_ids(prompt, chat)
 
 
 @torch.inference_mode()
@@ -212,14 +209,21 @@ def variant_completions(model: Model, prompts: Sequence[str], variants: Sequence
                         layers: Sequence[int] | None = None, positions: Positions = "all",
                         op: Op = "add", value: float = 0.0, max_new_tokens: int = 64,
                         chat: bool | None = None, batch_size: int = 32,
-                        progress: bool = False) -> list[list[str]]:
+                        progress: bool = False, pad: bool = False,
+                        when: Condition | None = None, per_token: bool = False
+                        ) -> list[list[str]]:
     """Greedy completions of every prompt under every variant ``(vector, coef)``: ``[v][p]``.
 
     Rows of equal prompt length share a batch (no padding) whatever their vector: each distinct
     vector in a batch is one intervention whose per-row coefficient is zero on the other rows,
     which leaves those rows bit-identical. Unsteered variants (no vector, or coefficient 0) are
     generated once per prompt and shared, so many vectors x coefficients cost about as many
-    batched passes as rows / ``batch_size``.
+    batched passes as rows / ``batch_size``. With ``pad`` rows of different prompt lengths
+    share batches too (left-padded): far fewer passes when prompts differ in length, with
+    logits equal to the unpadded ones only within float tolerance (a greedy choice between
+    near-tied tokens can then differ). ``when`` makes every steered variant conditional (CAST:
+    rows whose prompt meets the condition are steered on their generated tokens; the others
+    equal the unsteered rows).
     """
     for vector, coef in variants:
         if vector is None and coef != 0:
@@ -234,7 +238,7 @@ def variant_completions(model: Model, prompts: Sequence[str], variants: Sequence
         rows.extend((i, v) for v in steered)
     by_len: dict[int, list[int]] = defaultdict(list)
     for r, (i, _v) in enumerate(rows):
-        by_len[len(encoded[i])].append(r)
+        by_len[0 if pad else len(encoded[i])].append(r)
     batches = [group[j:j + batch_size] for group in by_len.values()
                for j in range(0, len(group), batch_size)]
     texts: dict[tuple[int, int | None], str] = {}
@@ -248,8 +252,10 @@ def variant_completions(model: Model, prompts: Sequence[str], variants: Sequence
             vector, coef = variants[v]
             entry = per_vector.setdefault(id(vector), (vector, torch.zeros(len(batch))))
             entry[1][j] = float(coef)
-        interventions = [Intervention(vec, coef=c, layers=layers, positions=positions, op=op,
-                                      value=value) for vec, c in per_vector.values()]
+        interventions = [Intervention(vec, coef=c, layers=layers,
+                                      positions="generated" if when is not None else positions,
+                                      op=op, value=value, when=when, per_token=per_token)
+                         for vec, c in per_vector.values()]
         with steer(model, interventions) if interventions else contextlib.nullcontext():
             new = generate_ids(model, ids, max_new_tokens)
         for r, toks in zip(batch, new):
@@ -263,18 +269,20 @@ def steered_completions(model: Model, prompts: Sequence[str],
                         layers: Sequence[int] | None = None, positions: Positions = "all",
                         op: Op = "add", value: float = 0.0, max_new_tokens: int = 64,
                         chat: bool | None = None, batch_size: int = 16,
-                        progress: bool = False) -> list[Completion]:
+                        progress: bool = False, when: Condition | None = None,
+                        per_token: bool = False) -> list[Completion]:
     """Greedy completions of every prompt at every coefficient, one row per (prompt, coef).
 
     Rows that share a prompt length run in one batch (no padding), each row with its own
     coefficient, so coefficient 0 is exactly the unsteered model. Without a vector every coef
-    must be 0. Results come back in (prompt, coef) order.
+    must be 0. Results come back in (prompt, coef) order. ``when``/``per_token``: conditional
+    steering (:func:`variant_completions`).
     """
     if vector is None and any(c != 0 for c in coefs):
         raise ValueError("a nonzero coefficient needs a vector")
     texts = variant_completions(model, prompts, [(vector, float(c)) for c in coefs],
                                 layers=layers, positions=positions, op=op, value=value,
                                 max_new_tokens=max_new_tokens, chat=chat, batch_size=batch_size,
-                                progress=progress)
+                                progress=progress, when=when, per_token=per_token)
     return [Completion(p, float(c), texts[k][i]) for i, p in enumerate(prompts)
             for k, c in enumerate(coefs)]

@@ -30,6 +30,7 @@ from typing import Any, Iterator, Literal, Sequence, Union
 import torch
 
 from avec.errors import SteeringError
+from avec.intervene.conditions import Condition, ConditionTracker
 from avec.models.hooks import block_output, installed_hooks, replace_block_output
 from avec.models.model import Model
 from avec.vector import SteeringVector
@@ -67,7 +68,11 @@ def parse_positions(positions: Positions) -> Positions:
 
 @dataclass
 class Intervention:
-    """One vector applied with its own coefficient, layers, positions and operation."""
+    """One vector applied with its own coefficient, layers, positions and operation.
+
+    With ``when`` (a :mod:`condition <avec.intervene.conditions>`) it is conditional: decided
+    per row on the prompt (again before every new token with ``per_token``), it steers the
+    generated tokens of the rows that meet the condition and leaves the others exact."""
 
     vector: SteeringVector
     coef: Coef = 1.0
@@ -75,11 +80,22 @@ class Intervention:
     positions: Positions = "all"
     op: Op = "add"
     value: float | dict[int, float] = 0.0
+    when: Condition | None = None
+    per_token: bool = False
 
     def __post_init__(self) -> None:
         if self.op not in OPS:
             raise SteeringError(f"unknown op {self.op!r}; use one of {list(OPS)}")
         self.positions = parse_positions(self.positions)
+        if self.when is not None:  # decided on the prompt: it steers what is generated
+            if self.positions not in ("all", "generated"):
+                raise SteeringError(f"a conditional intervention steers the generated tokens "
+                                    f"of the rows whose prompt meets its condition; "
+                                    f"positions={self.positions!r} cannot apply (leave it out "
+                                    f"or give 'generated')")
+            self.positions = "generated"
+        elif self.per_token:
+            raise SteeringError("per_token re-checks a condition: it needs when=...")
         if self.layers is None:
             self.layers = list(self.vector.layers)
         else:
@@ -138,6 +154,7 @@ class _PositionState:
 
     positions: torch.Tensor | None = None  # [B, T] index of each token among its row's tokens
     prompt_len: torch.Tensor | None = None  # [B] real tokens in the first (cache-less) pass
+    fresh: bool = True  # this pass has no cache (a sequence's first pass)
 
     def update(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -155,7 +172,8 @@ class _PositionState:
         else:
             pos = (torch.arange(length, device=ref.device) + past).expand(batch, length)
             real_now = torch.full((batch,), length, device=ref.device)
-        if past == 0 or self.prompt_len is None or self.prompt_len.shape[0] != batch:
+        self.fresh = past == 0 or self.prompt_len is None or self.prompt_len.shape[0] != batch
+        if self.fresh:
             self.prompt_len = real_now
         self.positions = pos
 
@@ -231,8 +249,10 @@ def _check_shape(layer: int, direction: torch.Tensor, hidden: torch.Tensor) -> N
 
 
 def _apply(iv: Intervention, layer: int, direction: torch.Tensor, hidden: torch.Tensor,
-           state: _PositionState) -> torch.Tensor:
+           state: _PositionState, gate: torch.Tensor | None = None) -> torch.Tensor:
     coef = _row_coef(iv, hidden)
+    if gate is not None:  # a conditional intervention: 0 on the rows whose condition fails
+        coef = coef * gate
     if direction.dim() == 2:
         delta = coef * _positional_delta(direction, hidden, state)
     elif iv.op == "add":
@@ -306,15 +326,26 @@ def steer(model: Model | Any,
             plans.setdefault(layer, _LayerPlan()).ops.append(
                 (iv, direction, _static_delta(iv, direction, per_token)))
     state = _PositionState()
+    conditional = [iv for iv in interventions if iv.when is not None and not iv.is_noop]
+    if conditional and not per_token:
+        raise SteeringError("conditional steering needs a language model (its conditions "
+                            "read token states)")
+    tracker = ConditionTracker([(iv.when, iv.per_token) for iv in conditional]) \
+        if conditional else None
+    gates = {id(iv): i for i, iv in enumerate(conditional)}
 
     def make_hook(layer: int, plan: _LayerPlan) -> Any:
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> Any:
             hidden = block_output(output)
+            if tracker is not None:
+                tracker.observe(layer, hidden, _require_positions(state)[0])
             for iv, direction, static in plan.ops:
                 if not per_token:
                     _check_shape(layer, direction, hidden)
                 if static is None:
-                    hidden = (_apply(iv, layer, direction, hidden, state) if per_token
+                    gate = tracker.gate(gates[id(iv)], hidden) \
+                        if tracker is not None and id(iv) in gates else None
+                    hidden = (_apply(iv, layer, direction, hidden, state, gate) if per_token
                               else hidden + _projection_delta(iv, layer, direction, hidden,
                                                               _row_coef(iv, hidden), False))
                 elif (isinstance(iv.coef, torch.Tensor) and iv.coef.numel() > 1
@@ -326,11 +357,21 @@ def steer(model: Model | Any,
 
         return hook
 
+    def before_forward(_m: Any, args: Any, kwargs: Any) -> None:
+        state.update(args, kwargs)
+        if tracker is not None:
+            tracker.start_forward(state.fresh, int(state.positions.shape[0]))
+
+    if tracker is not None:
+        for layer in tracker.layers:
+            if not 0 <= layer < len(model.blocks):
+                raise SteeringError(f"a condition reads layer {layer}; the model has layers "
+                                    f"0..{len(model.blocks) - 1}")
+            plans.setdefault(layer, _LayerPlan())
     with installed_hooks() as hooks:
         if per_token and any(iv.positions != "all" or len(iv.vector.shape) == 2
                              for iv in interventions if not iv.is_noop):
-            hooks.pre(model.hf, lambda _m, args, kwargs: state.update(args, kwargs),
-                      with_kwargs=True)
+            hooks.pre(model.hf, before_forward, with_kwargs=True)
         for layer, plan in sorted(plans.items()):
             # prepend: run before other forward hooks (transformers' own hidden-state recorders,
             # a user's readers), so every observer of block L's output sees the steered value

@@ -38,6 +38,15 @@ class TextModel:
             [{"role": "user", "content": user_message}], add_generation_prompt=True, tokenize=False)
         return text + assistant_prefix
 
+    def prompt_ids(self, prompt: str, chat: bool | None = None) -> tuple[list[int], bool]:
+        """Token ids of a prompt as a request is run: chat-templated when ``chat`` (``None``:
+        if the model has a template), and whether the template was used."""
+        use_chat = self.has_chat_template if chat is None else chat
+        if use_chat:
+            text = self.chat_prompt(prompt)
+            return list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), True
+        return self.encode([prompt])[0], False
+
     def check_layers(self, layers: list[int]) -> list[int]:
         """Validate 0-based layer indices (negative counts from the end); return them normalised."""
         out = []

@@ -144,15 +144,25 @@ def _validation_message(exc: RequestValidationError, limit: int = 12) -> str:
 
 
 def create_app(engine: Engine, *, api_key: str | None = None, model_id: str = "default",
-               limits: Limits | None = None) -> FastAPI:
+               limits: Limits | None = None,
+               on_shutdown: Callable[[], None] | None = None) -> FastAPI:
     """The HTTP app serving ``engine``'s model as ``model_id`` (requests may also name it
     ``"default"``). ``api_key``: require ``Authorization: Bearer <api_key>`` on every route
     but the OpenAPI/docs pages (an empty key raises ValueError). ``limits`` defaults to the
-    engine's."""
+    engine's. ``on_shutdown`` runs when the server shuts the app down (its lifespan's end)."""
     check_api_key(api_key)
     limits = limits or engine.limits
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            if on_shutdown is not None:
+                await run_in_threadpool(on_shutdown)
+
     app = FastAPI(title="avec", description="OpenAI-compatible chat completions with "
-                  "per-request activation steering (the `steering` field).")
+                  "per-request activation steering (the `steering` field).", lifespan=lifespan)
     app.add_middleware(_Guard, api_key=api_key, max_body_bytes=limits.max_body_bytes)
     _add_error_handlers(app)
     check_model = _add_model_routes(app, model_id)
@@ -268,7 +278,7 @@ def _add_chat_route(app: FastAPI, engine: Engine, limits: Limits,
         try:
             future = engine.submit(ids, req.steering or [], max_tokens, on_token=on_token,
                                    temperature=req.temperature or 0.0, seed=req.seed,
-                                   stop=req.stop_strings())
+                                   stop=req.stop_strings(), use_default=req.default_steering)
         except RegistryError as exc:
             raise APIError(400, str(exc), param="steering", code="unknown_vector") from None
         except AvecError as exc:

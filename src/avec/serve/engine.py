@@ -29,6 +29,7 @@ One request never hurts another:
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import queue
@@ -43,6 +44,8 @@ import torch
 
 from avec.errors import SteeringError
 from avec.generation.hf import generate_ids
+from avec.intervene.conditions import Condition, to_spec
+from avec.intervene.conditions import parse as parse_condition
 from avec.models.model import Model, eos_token_ids
 from avec.serve.errors import ServeError, safe_text
 from avec.serve.limits import Limits
@@ -72,15 +75,88 @@ class ResolvedSteering:
     op: str
     positions: int | str
     value: float
+    when: Condition | None = None
+    per_token: bool = False
+    # the registry vectors the condition's leaves were read from, by name
+    condition_vectors: tuple[tuple[str, SteeringVector], ...] = ()
 
     @property
     def key(self) -> Hashable:
-        return (self.name, id(self.vector), self.layers, self.op, self.positions, self.value)
+        cond = json.dumps(to_spec(self.when), sort_keys=True) if self.when is not None else None
+        return (self.name, id(self.vector), self.layers, self.op, self.positions, self.value,
+                cond, self.per_token, tuple(id(v) for _, v in self.condition_vectors))
 
 
 def _fits(x: float, dtype: torch.dtype) -> bool:
     """``x`` is finite once converted to ``dtype``."""
     return bool(torch.isfinite(torch.tensor(x, dtype=torch.float64).to(dtype)))
+
+
+def check_request(prompt_ids: Sequence[int], max_tokens: int, temperature: float,
+                  limits: Limits) -> None:
+    """The checks every engine makes on a request before queueing it."""
+    if not prompt_ids:
+        raise SteeringError("the prompt is empty")
+    if len(prompt_ids) > limits.max_prompt_tokens:
+        raise SteeringError(f"the prompt has {len(prompt_ids)} tokens; the limit is "
+                            f"{limits.max_prompt_tokens}")
+    if not 1 <= max_tokens <= limits.max_tokens:
+        raise SteeringError(f"max_tokens={max_tokens}; it must be between 1 and "
+                            f"{limits.max_tokens}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise SteeringError(f"temperature={temperature}; it must be >= 0")
+
+
+def resolve_entries(specs: Sequence[SteeringSpec], registry: VectorRegistry, limits: Limits,
+                    dtype: torch.dtype, *, label: str = "steering") -> list[ResolvedSteering]:
+    """Bind steering entries to the registry's vectors, checked against the limits: at most
+    ``max_steering`` entries, ``|coef|`` and ``|value|`` bounded and finite in ``dtype``,
+    integer positions inside the longest context, layers the vector has. Raises
+    :class:`SteeringError` naming ``label[i]`` (or the registry's error for an unknown name).
+    Every engine runs these checks; each adds what its backend needs."""
+    if len(specs) > limits.max_steering:
+        raise SteeringError(f"{len(specs)} {label} entries; at most {limits.max_steering} "
+                            f"are allowed per request")
+    context = limits.max_prompt_tokens + limits.max_tokens
+    out: list[ResolvedSteering] = []
+    for i, spec in enumerate(specs):
+        where = f"{label}[{i}]"
+        vec = registry.get(spec.vector)
+        try:
+            s = spec.setting(vec)
+        except ValueError as exc:
+            raise SteeringError(f"{where}.{exc}") from None
+        bad = limits.out_of_bounds(s.coef, s.value)
+        if bad is not None:
+            raise SteeringError(f"{where}: {bad[1]}")
+        for what, x in (("coef", s.coef), ("value", s.value)):
+            if not _fits(x, dtype):
+                raise SteeringError(f"{where}: {what}={x:g} is not finite in the model's "
+                                    f"dtype {dtype}")
+        if isinstance(s.positions, int) and s.positions >= context:
+            raise SteeringError(f"{where}: positions={s.positions} is past the longest "
+                                f"context this server runs ({context} tokens), so it would "
+                                f"never apply")
+        layers = s.layers if s.layers is not None else tuple(vec.layers)
+        missing = [L for L in layers if L not in vec.directions]
+        if missing:
+            raise SteeringError(f"{where}: layer(s) {missing} not in vector {spec.vector!r}, "
+                                f"which has layers {vec.layers}")
+        when = None
+        used: dict[str, SteeringVector] = {}
+        if spec.when is not None:
+            def condition_vector(name: str) -> SteeringVector:
+                used[name] = registry.get(name)  # an unknown name: a 400 naming the field
+                return used[name]
+
+            model = registry.model
+            when = parse_condition(spec.when, condition_vector, where=f"{where}.when",
+                                   n_layers=model.n_layers, d_model=model.d_model)
+        out.append(ResolvedSteering(spec.vector, vec, s.coef, layers, s.op,
+                                    "generated" if when is not None else s.positions,
+                                    s.value, when, spec.per_token,
+                                    tuple(sorted(used.items(), key=lambda kv: kv[0]))))
+    return out
 
 
 class Engine:
@@ -95,6 +171,7 @@ class Engine:
         self.model = model
         self.registry = registry
         self.limits = limits or Limits()
+        self.default: list[ResolvedSteering] = []
         registry.set_caps(max_file_bytes=self.limits.max_vector_bytes,
                           max_vectors=self.limits.max_vectors,
                           max_total_bytes=self.limits.max_store_bytes)
@@ -106,52 +183,47 @@ class Engine:
         self._thread.start()
 
     # ---- validation ------------------------------------------------------------------------
-    def resolve(self, specs: Sequence[SteeringSpec]) -> list[ResolvedSteering]:
+    def set_default(self, specs: Sequence[SteeringSpec]) -> None:
+        """The server's default steering: resolved now (an error names ``default_steering[i]``),
+        applied before every request's own entries unless the request switches it off."""
+        self.default = self._check(resolve_entries(specs, self.registry, self.limits,
+                                                   working_dtype(self.model),
+                                                   label="default_steering"),
+                                   "default_steering")
+
+    def resolve(self, specs: Sequence[SteeringSpec], use_default: bool = True
+                ) -> list[ResolvedSteering]:
         """Check steering entries against the registry and the limits; raise
         :class:`SteeringError` (or the registry's error for an unknown name) saying what is
-        wrong."""
-        lim = self.limits
-        if len(specs) > lim.max_steering:
-            raise SteeringError(f"{len(specs)} steering entries; at most {lim.max_steering} "
-                                f"are allowed per request")
-        dtype = working_dtype(self.model)
-        context = lim.max_prompt_tokens + lim.max_tokens
-        out: list[ResolvedSteering] = []
-        for i, spec in enumerate(specs):
-            where = f"steering[{i}]"
-            if abs(spec.coef) > lim.max_abs_coef:
-                raise SteeringError(f"{where}: |coef| {abs(spec.coef):g} exceeds the limit "
-                                    f"{lim.max_abs_coef:g}")
-            if abs(spec.value) > lim.max_abs_value:
-                raise SteeringError(f"{where}: |value| {abs(spec.value):g} exceeds the limit "
-                                    f"{lim.max_abs_value:g}")
-            for what, x in (("coef", spec.coef), ("value", spec.value)):
-                if not _fits(x, dtype):
-                    raise SteeringError(f"{where}: {what}={x:g} is not finite in the model's "
-                                        f"dtype {dtype}")
-            if isinstance(spec.positions, int) and spec.positions >= context:
-                raise SteeringError(f"{where}: positions={spec.positions} is past the longest "
-                                    f"context this server runs ({context} tokens), so it would "
-                                    f"never apply")
-            vec = self.registry.get(spec.vector)
-            layers = tuple(spec.layers) if spec.layers is not None else tuple(vec.layers)
-            missing = [L for L in layers if L not in vec.directions]
-            if missing:
-                raise SteeringError(f"{where}: layer(s) {missing} not in vector {spec.vector!r}, "
-                                    f"which has layers {vec.layers}")
-            try:  # the checks steer() makes, now, so a bad entry never reaches a batch
-                iv = Intervention(vec, coef=spec.coef, layers=list(layers), op=spec.op,
-                                  positions=spec.positions, value=spec.value)  # type: ignore
-                for L in layers:
+        wrong. With ``use_default`` the server's default entries come first."""
+        own = resolve_entries(specs, self.registry, self.limits, working_dtype(self.model))
+        return self._check(own, "steering", list(self.default) if use_default else [])
+
+    def _check(self, entries: list[ResolvedSteering], label: str,
+               before: Sequence[ResolvedSteering] = ()) -> list[ResolvedSteering]:
+        """The checks ``steer()`` makes, now, so a bad entry never reaches a batch; and no
+        entry may repeat another (the batch gives each distinct entry one coefficient per
+        row)."""
+        out = list(before)
+        for i, entry in enumerate(entries):
+            where = f"{label}[{i}]"
+            try:
+                iv = Intervention(entry.vector, coef=entry.coef, layers=list(entry.layers),
+                                  op=entry.op, positions=entry.positions,  # type: ignore
+                                  value=entry.value, when=entry.when,
+                                  per_token=entry.per_token)
+                for L in entry.layers:
                     iv.check_layer(L)
             except SteeringError as exc:
-                raise SteeringError(f"{where} (vector {spec.vector!r}): {exc}") from None
-            entry = ResolvedSteering(spec.vector, vec, float(spec.coef), layers, spec.op,
-                                     spec.positions, float(spec.value))
+                raise SteeringError(f"{where} (vector {entry.name!r}): {exc}") from None
             twin = next((j for j, o in enumerate(out) if o.key == entry.key), None)
             if twin is not None:
-                raise SteeringError(f"{where} repeats steering[{twin}] (same vector, layers, op, "
-                                    f"positions); give one entry with the summed coef")
+                other = (f"default_steering[{twin}]" if twin < len(before)
+                         else f"{label}[{twin - len(before)}]")
+                raise SteeringError(f"{where} repeats {other} (same vector, layers, op, "
+                                    f"positions); give one entry with the summed coef"
+                                    + (" (switch the default off with default_steering: "
+                                       "false)" if twin < len(before) else ""))
             out.append(entry)
         return out
 
@@ -166,14 +238,12 @@ class Engine:
             raise self._busy()
 
     def _busy(self) -> ServeError:
-        return ServeError(429, f"the server is busy ({self.limits.max_queue} requests are "
-                          f"waiting); retry later", code="server_busy",
-                          retry_after=max(1, int(-(-self.limits.retry_after_s // 1))))
+        return ServeError(**self.limits.busy_error_args())
 
     def submit(self, prompt_ids: list[int], steering: Sequence[SteeringSpec],
                max_tokens: int, on_token: Callable[[int], None] | None = None,
                temperature: float = 0.0, seed: int | None = None,
-               stop: Sequence[str] = ()) -> Generation:
+               stop: Sequence[str] = (), use_default: bool = True) -> Generation:
         """Queue one generation (greedy unless ``temperature`` > 0); the returned
         :class:`Generation` future resolves to a :class:`GenerationResult`, or fails with a
         :class:`ServeError` if this request fails (deadline, non-finite output, ...); its
@@ -184,24 +254,16 @@ class Engine:
         ``max_tokens``): it must be quick. ``temperature`` > 0 samples this request's row with
         a generator of its own, seeded with ``seed`` (random if None), so the same seed gives
         the same text whatever else shares the batch. ``stop`` strings end the row as soon as
-        its text contains one (the caller cuts the text there).
+        its text contains one (the caller cuts the text there). ``use_default=False`` drops the
+        server's default steering (:meth:`set_default`) for this request.
 
         Validation errors (unknown vector, layer not in the vector, limits) raise here, before
         anything is queued; a full queue raises a 429 :class:`ServeError`.
         """
         if self._closed:
             raise ServeError(503, "the server is shutting down", retry_after=5)
-        if not prompt_ids:
-            raise SteeringError("the prompt is empty")
-        if len(prompt_ids) > self.limits.max_prompt_tokens:
-            raise SteeringError(f"the prompt has {len(prompt_ids)} tokens; the limit is "
-                                f"{self.limits.max_prompt_tokens}")
-        if not 1 <= max_tokens <= self.limits.max_tokens:
-            raise SteeringError(f"max_tokens={max_tokens}; it must be between 1 and "
-                                f"{self.limits.max_tokens}")
-        if not math.isfinite(temperature) or temperature < 0:
-            raise SteeringError(f"temperature={temperature}; it must be >= 0")
-        resolved = self.resolve(steering)
+        check_request(prompt_ids, max_tokens, temperature, self.limits)
+        resolved = self.resolve(steering, use_default)
         job = Job(list(prompt_ids), resolved, int(max_tokens),
                   deadline=time.monotonic() + self.limits.request_timeout_s,
                   on_token=on_token, temperature=float(temperature),
@@ -324,7 +386,8 @@ class Engine:
                         coef[j] = s.coef
             ivs.append(Intervention(entry.vector, coef=coef, layers=list(entry.layers),
                                     positions=entry.positions, op=entry.op,  # type: ignore
-                                    value=entry.value))
+                                    value=entry.value, when=entry.when,
+                                    per_token=entry.per_token))
         rows = self._tracker(batch)
         sampling = [job.sampling() for job in batch]
         self.batches_run += 1
@@ -385,10 +448,16 @@ class LlamaCppEngine(Engine):
     request between two tokens.
     """
 
-    def resolve(self, specs: Sequence[SteeringSpec]) -> list[ResolvedSteering]:
-        resolved = super().resolve(specs)
-        self.model.check(_control_terms(resolved))  # type: ignore[attr-defined]
-        return resolved
+    def _check(self, entries: list[ResolvedSteering], label: str,
+               before: Sequence[ResolvedSteering] = ()) -> list[ResolvedSteering]:
+        out = super()._check(entries, label, before)
+        for i, entry in enumerate(entries):
+            if entry.when is not None:
+                raise SteeringError(f"{label}[{i}].when: the llama.cpp backend cannot steer "
+                                    f"conditionally (it gives no access to the hidden states a "
+                                    f"condition reads); use --backend hf or vllm")
+        self.model.check(_control_terms(out))  # type: ignore[attr-defined]
+        return out
 
     def _eos_ids(self) -> set[int]:
         return set(self.model.eos_ids)  # type: ignore[attr-defined]

@@ -47,6 +47,22 @@ class Limits:
                 raise ValueError(f"Limits.{f.name}={value!r}: it must be a finite number > 0")
 
 
+    def out_of_bounds(self, coef: float, value: float) -> tuple[str, str] | None:
+        """The field of a steering entry past ``max_abs_coef`` / ``max_abs_value`` and why, or
+        ``None`` when both are inside."""
+        for name, x, cap in (("coef", coef, self.max_abs_coef),
+                             ("value", value, self.max_abs_value)):
+            if abs(x) > cap:
+                return name, f"|{name}| {abs(x):g} exceeds the limit {cap:g}"
+        return None
+
+    def busy_error_args(self) -> dict:
+        """The 429 a full server answers (for :class:`~avec.serve.errors.ServeError`)."""
+        return {"status": 429, "message": f"the server is busy ({self.max_queue} requests are "
+                f"waiting); retry later", "code": "server_busy",
+                "retry_after": max(1, int(-(-self.retry_after_s // 1)))}
+
+
 @dataclass(frozen=True)
 class ConnectionLimits:
     """What one HTTP connection may hold: ``idle_timeout_s`` without a complete request head,

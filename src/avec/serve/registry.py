@@ -246,5 +246,7 @@ def check_servable(vec: SteeringVector, model: Any) -> None:
 def describe(name: str, vec: SteeringVector) -> dict[str, Any]:
     """The JSON summary of one registered vector."""
     info = vec.describe()
+    rec = vec.recommended
     return {"name": name, "layers": info["layers"], "width": vec.width,
-            "method": info.get("method"), "norms": info["norms"]}
+            "method": info.get("method"), "norms": info["norms"],
+            "recommended": rec.to_dict() if rec is not None else None}

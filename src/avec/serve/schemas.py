@@ -13,9 +13,12 @@ positions past the context, layers) are checked by the app and the engine.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+
+from avec.vector import SteeringVector
 
 from avec.errors import SteeringError
 from avec.serve.registry import NAME_RE
@@ -51,16 +54,25 @@ class SteeringSpec(BaseModel):
     ``ablate`` or ``clamp`` (``value`` is the projection clamp sets); ``positions`` is ``"all"``,
     ``"prompt"``, ``"generated"``, ``"from:K"`` or an int K. ``coef`` and ``value`` are finite
     JSON numbers; the engine bounds them (``Limits.max_abs_coef``, ``Limits.max_abs_value``).
+    ``coef`` left out (or ``"recommended"``) takes the vector's recommended setting from
+    ``avec tune``: its coefficient, and its layers, op, positions and value unless the entry
+    gives them. ``coef_scale`` multiplies the coefficient (``0.5``: half the recommended one).
+    ``when`` makes the entry conditional (CAST; :mod:`avec.intervene.conditions`): decided on
+    the prompt, it steers the generated tokens of a request whose activations meet it
+    (``per_token``: decided again before every new token).
     """
 
     model_config = STRICT
 
     vector: Text = Field(min_length=1, max_length=64)
-    coef: Finite
+    coef: Finite | Literal["recommended"] | None = None
+    coef_scale: Finite = 1.0
     layers: list[int] | None = Field(default=None, max_length=1024)
     op: Literal["add", "ablate", "clamp"] = "add"
     positions: Union[int, Text] = "all"
     value: Finite = 0.0
+    when: dict[str, Any] | None = None
+    per_token: bool = False
 
     @field_validator("vector")
     @classmethod
@@ -90,6 +102,43 @@ class SteeringSpec(BaseModel):
         if v is not None and len(set(v)) != len(v):
             raise ValueError(f"layers {v} lists a layer twice")
         return v
+
+    def setting(self, vector: SteeringVector) -> Setting:
+        """What this entry applies with ``vector``: its own fields, or where ``coef`` is left
+        out the vector's recommended setting for every field the entry does not give; then
+        ``coef_scale``. Raises ValueError (naming ``coef``) for a vector without one."""
+        given = self.model_fields_set
+        if self.when is not None and "positions" in given and self.positions != "generated":
+            raise ValueError(f"positions: a conditional entry steers the generated tokens; "
+                             f"leave positions out (or give 'generated'), got "
+                             f"{self.positions!r}")
+        if self.per_token and self.when is None:
+            raise ValueError("per_token: it re-checks a condition; give when")
+        if self.coef is None or self.coef == "recommended":
+            rec = vector.recommended
+            if rec is None:
+                raise ValueError(f"coef: vector {self.vector!r} has no recommended setting "
+                                 f"(`avec tune` writes one); give coef")
+            return Setting(rec.coef * self.coef_scale,
+                           tuple(self.layers) if "layers" in given else tuple(rec.layers),
+                           self.op if "op" in given else rec.op,
+                           self.positions if "positions" in given
+                           else parse_positions(rec.positions),
+                           self.value if "value" in given else rec.value)
+        return Setting(float(self.coef) * self.coef_scale,
+                       tuple(self.layers) if self.layers is not None else None,
+                       self.op, self.positions, self.value)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """An entry's effective steering: ``layers`` ``None`` means all of the vector's."""
+
+    coef: float
+    layers: tuple[int, ...] | None
+    op: str
+    positions: int | str
+    value: float
 
 
 class TextPart(BaseModel):
@@ -150,11 +199,13 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """``POST /v1/chat/completions``; avec adds ``steering``. ``temperature`` absent or 0
-    decodes greedily; from ``MIN_TEMPERATURE`` to 2 it samples, reproducibly with ``seed``.
-    ``stop`` (a string or up to 4) ends the text before the first stop string. ``user``,
-    ``metadata`` and ``stream_options`` (``include_usage``) are accepted; the fields in
-    :data:`UNSUPPORTED` are refused unless harmless; any other field is refused by name."""
+    """``POST /v1/chat/completions``; avec adds ``steering`` (applied after the server's
+    default steering, which ``default_steering: false`` switches off for the request).
+    ``temperature`` absent or 0 decodes greedily; from ``MIN_TEMPERATURE`` to 2 it samples,
+    reproducibly with ``seed``. ``stop`` (a string or up to 4) ends the text before the first
+    stop string. ``user``, ``metadata`` and ``stream_options`` (``include_usage``) are
+    accepted; the fields in :data:`UNSUPPORTED` are refused unless harmless; any other field
+    is refused by name."""
 
     model_config = STRICT
 
@@ -171,6 +222,7 @@ class ChatCompletionRequest(BaseModel):
     user: Text | None = Field(default=None, max_length=256)
     metadata: dict[Text, Text] | None = Field(default=None, max_length=16)
     steering: list[SteeringSpec] | None = Field(default=None, max_length=64)
+    default_steering: bool = True
     logprobs: Any = None
     top_logprobs: Any = None
     tools: Any = None

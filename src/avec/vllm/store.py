@@ -1,22 +1,29 @@
 """The vectors a vLLM server can steer with: the files of one directory, loaded with avec's own
-checked readers (``.safetensors`` avec vectors, ``.gguf`` control vectors), named by stem."""
+checked readers (``.safetensors`` avec vectors, ``.gguf`` control vectors), named by stem.
+
+A name is looked up on disk at every request (one ``stat``), so a file added, replaced or
+removed while the server runs is seen at once; what was loaded is kept in a small cache keyed by
+the file's identity (size, modification time, inode), so memory is bounded by ``cache_size``
+vectors however many distinct files requests name over the server's life.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
 import threading
+from collections import OrderedDict
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
-
-import torch
 
 from avec.errors import AvecError
 from avec.vector import SteeringVector, load_vector
 
 SUFFIXES = (".safetensors", ".gguf")
+DEFAULT_CACHE_SIZE = 64
+MAX_FILE_BYTES = 64 * 1024 * 1024
 
 
 def check_flat(vector: SteeringVector, where: str) -> None:
@@ -43,40 +50,28 @@ def vectors_from(directory: str | Path) -> Iterator[None]:
             os.environ[VECTORS_ENV] = previous
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoredVector:
-    vector: SteeringVector
-    digest: str  # sha256 of the file: part of the prefix-cache salt
-    # per (device, dtype): each layer's (direction, unit direction), made once, reused per step
-    cast: dict[tuple[str, torch.dtype], dict[int, tuple[torch.Tensor, torch.Tensor]]] = field(
-        default_factory=dict)
+    """A loaded vector file: the vector and the sha256 of the file's bytes (its identity in
+    the prefix-cache salt and in the worker's slot bank)."""
 
-    def at(self, layer: int, device: torch.device, dtype: torch.dtype
-           ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Layer ``layer``'s direction and its unit vector, on ``device`` in ``dtype``."""
-        key = (str(device), dtype)
-        if key not in self.cast:
-            self.cast[key] = {}
-            for L, v in self.vector.directions.items():
-                v = v.to(device=device, dtype=dtype)
-                self.cast[key][L] = (v, v / v.norm())
-        return self.cast[key][layer]
+    vector: SteeringVector
+    digest: str
 
 
 class VectorStore:
-    """Vectors by name from ``directory``; a name not seen yet triggers one re-scan, so files
-    added while the server runs become usable (a changed file gets a new digest)."""
+    """Vectors by name from ``directory`` (``None``: a store with no vectors)."""
 
-    def __init__(self, directory: str | Path | None) -> None:
+    def __init__(self, directory: str | Path | None, cache_size: int = DEFAULT_CACHE_SIZE
+                 ) -> None:
         self.directory = Path(directory) if directory else None
-        self._vectors: dict[str, StoredVector] = {}
+        if self.directory is not None and not self.directory.is_dir():
+            raise AvecError(f"$AVEC_VLLM_VECTORS={self.directory} is not a directory; point "
+                            f"it at a folder of .safetensors / .gguf vector files")
+        self.cache_size = max(1, int(cache_size))
+        # file identity -> loaded vector, least recently used first
+        self._cache: OrderedDict[tuple, StoredVector] = OrderedDict()
         self._lock = threading.Lock()
-        self._scanned: dict[str, float] = {}
-        if self.directory is not None:
-            if not self.directory.is_dir():
-                raise AvecError(f"$AVEC_VLLM_VECTORS={self.directory} is not a directory; "
-                                f"point it at a folder of .safetensors / .gguf vector files")
-            self.rescan()
 
     @classmethod
     def from_env(cls) -> "VectorStore":
@@ -84,26 +79,51 @@ class VectorStore:
 
         return cls(os.environ.get(VECTORS_ENV) or None)
 
-    def rescan(self) -> None:
+    def path(self, name: str) -> Path | None:
+        """The file a (validated) vector name refers to, if there is one."""
         if self.directory is None:
-            return
-        with self._lock:
-            for path in sorted(self.directory.iterdir()):
-                if path.suffix not in SUFFIXES or not path.is_file():
-                    continue
-                mtime = path.stat().st_mtime
-                if self._scanned.get(path.name) == mtime:
-                    continue
-                data = path.read_bytes()
-                vec = load_vector(path)
-                check_flat(vec, str(path))
-                self._vectors[path.stem] = StoredVector(vec, hashlib.sha256(data).hexdigest())
-                self._scanned[path.name] = mtime
+            return None
+        for suffix in SUFFIXES:
+            p = self.directory / f"{name}{suffix}"
+            if p.is_file():
+                return p
+        return None
 
     def get(self, name: str) -> StoredVector | None:
-        if name not in self._vectors:
-            self.rescan()
-        return self._vectors.get(name)
+        """The vector file ``name`` as it is on disk now (``None`` if there is none). Raises
+        :class:`AvecError` for a file that is not a usable vector."""
+        path = self.path(name)
+        if path is None:
+            return None
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+        with self._lock:
+            hit = self._cache.get(key)
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+        if st.st_size > MAX_FILE_BYTES:
+            raise AvecError(f"{path}: {st.st_size} bytes; vector files are limited to "
+                            f"{MAX_FILE_BYTES}")
+        data = path.read_bytes()
+        vec = load_vector(path)
+        check_flat(vec, str(path))
+        stored = StoredVector(vec, hashlib.sha256(data).hexdigest())
+        with self._lock:
+            self._cache[key] = stored
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return stored
 
-    def names(self) -> list[str]:
-        return sorted(self._vectors)
+    def names(self, limit: int = 20) -> list[str]:
+        """Up to ``limit`` vector names in the directory (for error messages)."""
+        if self.directory is None:
+            return []
+        found = sorted(p.stem for p in self.directory.iterdir()
+                       if p.suffix in SUFFIXES and not p.name.startswith("."))
+        return found[:limit]
+
+    def cached(self) -> int:
+        """How many loaded vectors the cache holds now."""
+        with self._lock:
+            return len(self._cache)

@@ -1,0 +1,200 @@
+"""Finding a condition (``avec condition fit``): the direction that separates two prompt sets at a
+layer, and the comparator and threshold that separate them best, chosen by F1 on held-in prompts
+and checked on held-out ones, over a scan of layers (as CAST's grid search does).
+
+Each prompt is read as a request is: chat-templated when the model has a template, its mean
+block-L output over the tokens after the first (:func:`prompt_means`, the value a conditional
+entry computes at serving time). The direction is the mean over the positive prompts minus the
+mean over the negative ones (held-in prompts only).
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import asdict, dataclass, field
+from typing import Any, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from avec.directions.activations import length_batches, pad_batch
+from avec.intervene.conditions import Leaf, condition_vector
+from avec.models.context import check_lengths
+from avec.models.model import Model
+from avec.vector import SteeringVector
+
+
+@torch.inference_mode()
+def prompt_means(model: Model, prompts: Sequence[str], layers: Sequence[int], *,
+                 chat: bool | None = None, batch_size: int = 16, progress: bool = False
+                 ) -> dict[int, torch.Tensor]:
+    """``{layer: [len(prompts), d]}``: each prompt's mean block-layer output over its tokens
+    after the first, the prompt formatted as a request is (float32, CPU)."""
+    ids = [model.prompt_ids(p, chat)[0] for p in prompts]
+    check_lengths(model, [len(x) for x in ids], lambda i: f"prompt {i + 1}")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
+    out = {L: torch.zeros(len(ids), model.d_model) for L in layers}
+    for rows in tqdm(length_batches(order, ids, batch_size), desc="prompts",
+                     disable=not progress, leave=False):
+        input_ids, mask, pos = pad_batch([ids[i] for i in rows], model.tokenizer.pad_token_id,
+                                         "right", model.device)
+        hidden = model.hf(input_ids=input_ids, attention_mask=mask, position_ids=pos,
+                          output_hidden_states=True).hidden_states
+        keep = (mask.bool() & (pos >= 1)).unsqueeze(-1).float()
+        count = keep.sum(1).clamp(min=1)
+        for L in layers:
+            means = (hidden[L + 1].float() * keep).sum(1) / count
+            out[L][torch.tensor(rows)] = means.cpu()
+    return out
+
+
+@dataclass
+class Separation:
+    """How well a rule separates positives (True) from negatives (False)."""
+
+    threshold: float
+    op: str
+    f1: float
+    precision: float
+    recall: float
+
+    @staticmethod
+    def of(values: torch.Tensor, labels: torch.Tensor, threshold: float, op: str
+           ) -> "Separation":
+        pred = values > threshold if op == ">" else values < threshold
+        tp = int((pred & labels).sum())
+        fp = int((pred & ~labels).sum())
+        fn = int((~pred & labels).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        return Separation(float(threshold), op, f1, precision, recall)
+
+
+def best_rule(values: torch.Tensor, labels: torch.Tensor) -> Separation:
+    """The comparator and threshold with the highest F1 (ties: the larger margin) among
+    thresholds halfway between consecutive values."""
+    v = sorted(set(values.tolist()))
+    cuts = [(a + b) / 2 for a, b in zip(v, v[1:])] or [v[0]]
+    best: tuple[tuple[float, float], Separation] | None = None
+    for t in cuts:
+        margin = float((values - t).abs().min())
+        for op in (">", "<"):
+            sep = Separation.of(values, labels, t, op)
+            key = (sep.f1, margin)
+            if best is None or key > best[0]:
+                best = (key, sep)
+    assert best is not None
+    return best[1]
+
+
+def roc(values: torch.Tensor, labels: torch.Tensor, op: str) -> tuple[list[tuple[float, float]],
+                                                                        float]:
+    """ROC points (false-positive rate, true-positive rate) as the threshold sweeps, for the
+    comparator ``op``, and the area under the curve."""
+    score = values if op == ">" else -values
+    order = torch.argsort(score, descending=True)
+    pos, neg = int(labels.sum()), int((~labels).sum())
+    points, tp, fp = [(0.0, 0.0)], 0, 0
+    for i in order.tolist():
+        tp, fp = tp + int(labels[i]), fp + int(not labels[i])
+        points.append((fp / max(neg, 1), tp / max(pos, 1)))
+    auc = sum((x1 - x0) * (y0 + y1) / 2 for (x0, y0), (x1, y1) in zip(points, points[1:]))
+    return points, auc
+
+
+@dataclass
+class LayerFit:
+    layer: int
+    held_in: Separation
+    held_out: Separation
+    auc_held_out: float
+
+
+@dataclass
+class ConditionFit:
+    """The chosen layer's condition and every layer's scores."""
+
+    layer: int
+    metric: str
+    direction: torch.Tensor
+    held_in: Separation
+    held_out: Separation
+    auc_held_out: float
+    roc_held_out: list[tuple[float, float]]
+    scan: list[LayerFit]
+    split: dict[str, list[int]] = field(default_factory=dict)
+
+    @property
+    def leaf(self) -> Leaf:
+        return Leaf(self.direction, self.layer, self.held_in.threshold, self.held_in.op,
+                    self.metric)
+
+    def vector(self, model: Model) -> SteeringVector:
+        """The condition vector file's content (the rule and its scores in the metadata)."""
+        return condition_vector(
+            self.direction, self.layer, self.held_in.threshold, op=self.held_in.op,
+            metric=self.metric, metadata={"method": "condition mean_diff",
+                                          "model": model.identity()},
+            fit={"held_in_f1": round(self.held_in.f1, 4),
+                 "held_out": {k: round(v, 4) for k, v in asdict(self.held_out).items()
+                              if k in ("f1", "precision", "recall")},
+                 "held_out_auc": round(self.auc_held_out, 4),
+                 "positives": len(self.split.get("positive_in", [])),
+                 "negatives": len(self.split.get("negative_in", []))})
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["direction_norm"] = float(self.direction.norm())
+        out.pop("direction")
+        return out
+
+
+def _split(n: int, fraction: float, rng: random.Random) -> tuple[list[int], list[int]]:
+    order = list(range(n))
+    rng.shuffle(order)
+    k = min(n - 1, max(1, round(n * fraction)))
+    return sorted(order[k:]), sorted(order[:k])
+
+
+def fit(model: Model, positive: Sequence[str], negative: Sequence[str], layers: Sequence[int],
+        *, metric: str = "cosine", held_out: float = 0.25, seed: int = 0,
+        chat: bool | None = None, progress: bool = False) -> ConditionFit:
+    """Fit a condition separating ``positive`` prompts (the condition holds) from ``negative``
+    ones at each of ``layers``; the layer with the best held-in F1 wins (ties: held-out AUC is
+    not looked at; the earlier layer wins)."""
+    if len(positive) < 2 or len(negative) < 2:
+        raise ValueError("give at least 2 positive and 2 negative prompts (held-in and "
+                         "held-out)")
+    if metric not in ("cosine", "projection"):
+        raise ValueError(f"metric {metric!r}: use cosine or projection")
+    layers = model.check_layers(list(layers))
+    rng = random.Random(seed)
+    p_in, p_out = _split(len(positive), held_out, rng)
+    n_in, n_out = _split(len(negative), held_out, rng)
+    means = prompt_means(model, list(positive) + list(negative), layers, chat=chat,
+                         progress=progress)
+    labels = torch.tensor([True] * len(positive) + [False] * len(negative))
+    idx_in = torch.tensor(p_in + [len(positive) + i for i in n_in])
+    idx_out = torch.tensor(p_out + [len(positive) + i for i in n_out])
+    scan, best = [], None
+    for L in layers:
+        m = means[L]
+        direction = m[torch.tensor(p_in)].mean(0) - m[torch.tensor(
+            [len(positive) + i for i in n_in])].mean(0)
+        values = Leaf(direction, L, 0.0, ">", metric).values(m)
+        rule = best_rule(values[idx_in], labels[idx_in])
+        out_sep = Separation.of(values[idx_out], labels[idx_out], rule.threshold, rule.op)
+        points, auc = roc(values[idx_out], labels[idx_out], rule.op)
+        scan.append(LayerFit(L, rule, out_sep, auc))
+        if best is None or rule.f1 > best[0].held_in.f1:
+            best = (scan[-1], direction, points)
+    assert best is not None
+    chosen, direction, points = best
+    return ConditionFit(chosen.layer, metric, direction, chosen.held_in, chosen.held_out,
+                        chosen.auc_held_out, points, scan,
+                        {"positive_in": p_in, "positive_out": p_out, "negative_in": n_in,
+                         "negative_out": n_out})
+
+
+__all__ = ["ConditionFit", "LayerFit", "Separation", "best_rule", "fit", "prompt_means", "roc"]
