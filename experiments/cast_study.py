@@ -19,8 +19,8 @@ the prompt is about food.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,12 +58,12 @@ def fit_condition() -> dict:
     return {"seconds": round(time.time() - t0, 1), "layer": doc["layer"],
             "metric": doc["metric"], "op": doc["held_in"]["op"],
             "threshold": doc["held_in"]["threshold"], "held_in_f1": doc["held_in"]["f1"],
+            "cv_f1": next(x["cv_f1"] for x in doc["scan"] if x["layer"] == doc["layer"]),
             "held_out": {k: doc["held_out"][k] for k in ("precision", "recall", "f1")},
             "held_out_auc": doc["auc_held_out"]}
 
 
 def main() -> None:
-    import torch
 
     from avec.generation.hf import variant_completions
     from avec.intervene.condition_fit import prompt_means
@@ -171,10 +171,11 @@ def vllm_check(prompts: list[str], vector, coef: float) -> list[str] | None:
                            "--coef", repr(coef), "--condition",
                            str(OUT / "condition" / "food.safetensors"), "--prompts-file",
                            str(prompt_file), "--max-new-tokens", str(MAX_NEW_TOKENS), "--json"],
-                          capture_output=True, text=True, timeout=1800)
+                          capture_output=True, text=True, timeout=1800,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
     if done.returncode != 0:
-        print(done.stderr[-3000:], file=sys.stderr)
-        raise SystemExit("the vLLM run failed")
+        (OUT / "vllm-failure.log").write_text(done.stderr)
+        raise SystemExit(f"the vLLM run failed: {OUT / 'vllm-failure.log'}")
     vec_path.unlink()
     prompt_file.unlink()
     return [r["text"] for r in json.loads(done.stdout)]

@@ -19,6 +19,10 @@ from avec.models import Model, load_model
 from avec.models.modules import ModuleModel, difference_vector, read_sites
 from avec.intervene.orthogonalize import orthogonalize_weights, save_orthogonalized
 from avec.intervene.steer import Intervention, steer
+from avec.intervene.conditions import AllOf, AnyOf, Leaf, Not, condition_vector
+from avec.intervene.conditions import parse as parse_condition
+from avec.intervene.condition_fit import ConditionFit
+from avec.intervene.condition_fit import fit as fit_condition
 from avec.vector import Recommendation, SteeringVector, load_vector
 from avec.tuning import TuneConfig, TuneResult, tune
 
@@ -29,4 +33,6 @@ __all__ = [
     "load_jsonl_pairs", "load_model", "load_pairs", "load_prompts", "load_vector",
     "orthogonalize_weights", "read_activations", "read_sites", "save_orthogonalized", "steer",
     "steered_completions", "Recommendation", "TuneConfig", "TuneResult", "tune",
+    "AllOf", "AnyOf", "ConditionFit", "Leaf", "Not", "condition_vector", "fit_condition",
+    "parse_condition",
 ]

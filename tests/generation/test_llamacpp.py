@@ -208,3 +208,80 @@ def test_server_on_llama_cpp(lcpp, ocean):
             assert ask(None) == got[0]  # still serving after the bad request
     finally:
         engine.shutdown()
+
+
+def test_block_outputs_read_from_llama_cpp_match_hf(lcpp, real_model, ocean):
+    """A condition's input on llama.cpp (block outputs copied by an eval callback in a second
+    context) is HF's, up to the Q4_1 kernels' rounding; the condition layer's own control row
+    is not part of it (HF reads a layer before steering it), earlier layers' rows are."""
+    from avec.intervene.condition_fit import prompt_means
+
+    hf = prompt_means(real_model, PROMPTS, [8, LAYER])
+    for i, prompt in enumerate(PROMPTS):
+        ids = format_prompt(lcpp, prompt)[0]
+        got = lcpp.prompt_means(ids, [8, LAYER])
+        for L in (8, LAYER):
+            cos = float(torch.nn.functional.cosine_similarity(
+                torch.from_numpy(got[L]), hf[L][i], dim=0))
+            assert cos > 0.99, (prompt, L, cos)
+        own = lcpp.prompt_means(ids, [LAYER], [ControlTerm(ocean, 6.0)])[LAYER]
+        np.testing.assert_allclose(own, got[LAYER], atol=1e-3)
+        earlier = lcpp.prompt_means(ids, [LAYER], [ControlTerm(moved(ocean, LAYER - 1), 6.0)])
+        assert np.abs(earlier[LAYER] - got[LAYER]).max() > 0.1
+    with pytest.raises(SteeringError, match="last block"):
+        lcpp.prompt_means(format_prompt(lcpp, PROMPTS[0])[0], [lcpp.n_layers - 1])
+
+
+def test_conditional_terms_on_llama_cpp(lcpp, ocean):
+    """A conditional term (CAST) on llama.cpp: a prompt above the threshold is steered on its
+    generated tokens exactly as a generated-only term steers it; one below is the plain model;
+    in the server, concurrent conditional requests each get their own decision."""
+    from avec.intervene.conditions import Leaf, Not, condition_vector
+    from avec.serve import LlamaCppEngine, VectorRegistry, create_app
+
+    ids = [format_prompt(lcpp, p)[0] for p in PROMPTS]
+    g = torch.Generator().manual_seed(3)
+    direction = torch.randn(lcpp.d_model, generator=g)
+    values = [float(torch.nn.functional.cosine_similarity(
+        torch.from_numpy(lcpp.prompt_means(x, [8])[8]), direction, dim=0)) for x in ids]
+    threshold = float(np.median(values))
+    assert min(abs(v - threshold) for v in values) > 1e-4
+    cond = Leaf(direction, 8, threshold, ">")
+    for x, v in zip(ids, values):
+        plain = lcpp.generate(x, 10)
+        steered = lcpp.generate(x, 10, [ControlTerm(ocean, 8.0, None, "generated")])
+        assert steered != plain
+        got = lcpp.generate(x, 10, [ControlTerm(ocean, 8.0, None, "generated", when=cond)])
+        negated = lcpp.generate(x, 10, [ControlTerm(ocean, 8.0, None, "generated",
+                                                    when=Not(cond))])
+        assert got == (steered if v > threshold else plain)
+        assert negated == (plain if v > threshold else steered)
+    with pytest.raises(SteeringError, match="generated tokens"):
+        check_terms([ControlTerm(ocean, 1.0, when=cond)], lcpp.n_layers, lcpp.d_model)
+
+    registry = VectorRegistry(lcpp)
+    registry.put("ocean", ocean)
+    registry.put("cond", condition_vector(direction, 8, threshold))
+    engine = LlamaCppEngine(lcpp, registry)
+    app = create_app(engine, model_id=lcpp.name)
+    try:
+        with live_server(app) as url:
+            client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+            entry = [{"vector": "ocean", "coef": 8.0, "when": {"vector": "cond"}}]
+
+            def ask(prompt, steering=entry):
+                r = client.chat.completions.create(
+                    model="default", messages=[{"role": "user", "content": prompt}],
+                    max_tokens=10, extra_body={"steering": steering})
+                return r.choices[0].message.content
+
+            with concurrent.futures.ThreadPoolExecutor(4) as pool:
+                got = list(pool.map(ask, PROMPTS))
+            for x, v, text in zip(ids, values, got):
+                terms = [ControlTerm(ocean, 8.0, None, "generated")] if v > threshold else []
+                assert text == lcpp.tokenizer.decode(lcpp.generate(x, 10, terms),
+                                                     skip_special_tokens=True)
+            with pytest.raises(openai.BadRequestError, match="per_token"):
+                ask(PROMPTS[0], [{**entry[0], "per_token": True}])
+    finally:
+        engine.shutdown()

@@ -58,7 +58,7 @@ def test_fit_finds_a_separating_rule_and_the_file_carries_it(tiny_llama, tmp_pat
     assert [s.layer for s in result.scan] == [0, 1, 2]
     assert result.held_in.f1 == 1.0
     chosen = next(s for s in result.scan if s.layer == result.layer)
-    assert chosen.held_in.f1 == max(s.held_in.f1 for s in result.scan)
+    assert chosen.cv_f1 == max(s.cv_f1 for s in result.scan)
     split = result.split
     assert len(split["positive_out"]) == 2 and len(split["negative_out"]) == 2
     assert not set(split["positive_in"]) & set(split["positive_out"])
@@ -156,3 +156,21 @@ def test_generate_with_a_condition(capsys, tmp_path, model_dir, pairs_file):
         code = main(["generate", "--model", str(model_dir), "--vector", str(vec), "--coef", "1",
                      "--prompt", "hi", *bad])
         assert code != 0 and needle in capsys.readouterr().err, bad
+
+
+def test_cross_validation_chooses_the_layer_that_generalises():
+    """Cross-validated F1 (what picks the layer) is 1 where the classes really differ and low
+    where they are noise, though a rule fitted on all of the noise can still separate it."""
+    from avec.intervene.condition_fit import cross_validated_f1
+
+    g = torch.Generator().manual_seed(0)
+    n = 12
+    clean = torch.randn(2 * n, 16, generator=g)
+    clean[:n, 0] += 6.0  # positives shifted along one axis
+    noise = torch.randn(2 * n, 16, generator=g)
+    pos, neg = list(range(n)), list(range(n, 2 * n))
+    assert cross_validated_f1(clean, pos, neg, "projection") == 1.0
+    assert cross_validated_f1(noise, pos, neg, "projection") < 0.8
+    from avec.intervene.condition_fit import _rule_at
+
+    assert _rule_at(noise, pos, neg, "projection")[2].f1 > 0.8  # the held-in fit overfits

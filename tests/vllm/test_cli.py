@@ -43,6 +43,36 @@ def test_generate_with_the_vllm_backend(tmp_path):
         assert steered != plain[p]
 
 
+def test_generate_with_a_condition_on_the_vllm_backend(tmp_path):
+    """`avec generate --backend vllm --condition FILE`: the prompt above the threshold is
+    steered on its generated tokens, the one below is the plain model."""
+    import torch
+
+    from avec.intervene.condition_fit import prompt_means
+    from avec.intervene.conditions import condition_vector
+
+    hf = load_model()
+    path = extract(hf, DEMO_PAIRS, [10]).save(tmp_path / "ocean.safetensors")
+    direction = torch.randn(hf.d_model, generator=torch.Generator().manual_seed(2))
+    values = torch.nn.functional.cosine_similarity(
+        prompt_means(hf, PROMPTS, [8])[8], direction.expand(2, -1), dim=-1)
+    condition_vector(direction, 8, float(values.mean())).save(tmp_path / "c.safetensors")
+    above = int(values.argmax())
+
+    def texts(*extra):
+        done = _avec("generate", "--backend", "vllm", "--vector", str(path), "--coef", "8",
+                     "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--max-new-tokens", "12",
+                     "--json", *extra)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return [r["text"] for r in json.loads(done.stdout)]
+
+    steered = texts("--positions", "generated")
+    plain = [r.text for r in steered_completions(hf, PROMPTS, None, [0.0], max_new_tokens=12)]
+    got = texts("--condition", str(tmp_path / "c.safetensors"))
+    assert got[above] == steered[above] != plain[above]
+    assert got[1 - above] == plain[1 - above]
+
+
 def test_vllm_check_command():
     done = _avec("vllm-check", "--json")
     assert done.returncode == 0, done.stderr[-2000:]

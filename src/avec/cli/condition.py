@@ -13,10 +13,10 @@ from avec.cli.common import add_model_args, emit_json
 DESCRIPTION = """Build a condition for conditional steering: the mean difference of two prompt
 sets' mean hidden states (each prompt read as a request is: chat template, tokens after the
 first) at each scanned layer, and the comparator and threshold that best separate held-in
-prompts (F1). The layer with the best held-in F1 wins; precision, recall, F1 and the ROC curve
-are reported on held-out prompts. Writes NAME.safetensors (the condition vector, its rule in the
-metadata: a steering entry's "when": {"vector": NAME} uses it), condition.json, roc.png and
-scan.png."""
+prompts (F1). The layer with the best 4-fold cross-validated F1 within the held-in prompts
+wins; precision, recall, F1 and the ROC curve are reported on held-out prompts. Writes
+NAME.safetensors (the condition vector, its rule in the metadata: a steering entry's "when":
+{"vector": NAME} uses it), condition.json, roc.png and scan.png."""
 
 
 def _add_parsers(sub: Any) -> None:
@@ -77,15 +77,16 @@ def cmd_condition(args: argparse.Namespace) -> int:
     ax.set_title(f"layer {result.layer}: AUC {result.auc_held_out:.3f}")
     files["roc"] = save_figure(fig, out / "roc.png")
     files["scan"] = heatmap(
-        [[s.held_in.f1, s.held_out.f1, s.held_out.precision, s.held_out.recall,
+        [[s.held_in.f1, s.cv_f1, s.held_out.f1, s.held_out.precision, s.held_out.recall,
           s.auc_held_out] for s in result.scan], out / "scan.png",
         rows=[s.layer for s in result.scan],
-        cols=["F1 in", "F1 out", "precision out", "recall out", "AUC out"],
+        cols=["F1 in", "F1 cv", "F1 out", "precision out", "recall out", "AUC out"],
         title=f"condition fit; chosen layer {result.layer}", ylabel="layer", colorbar="score",
         star=(next(i for i, s in enumerate(result.scan) if s.layer == result.layer), 0))
     if args.json:
         emit_json({"layer": result.layer, "metric": result.metric, "op": result.held_in.op,
                    "threshold": result.held_in.threshold, "held_in_f1": result.held_in.f1,
+                   "cv_f1": next(s.cv_f1 for s in result.scan if s.layer == result.layer),
                    "held_out": {"f1": result.held_out.f1,
                                 "precision": result.held_out.precision,
                                 "recall": result.held_out.recall,
@@ -93,8 +94,10 @@ def cmd_condition(args: argparse.Namespace) -> int:
                    "files": {k: str(v) for k, v in files.items()}})
         return 0
     h = result.held_out
+    cv = next(s.cv_f1 for s in result.scan if s.layer == result.layer)
     print(f"condition: {result.metric} at layer {result.layer} {result.held_in.op} "
-          f"{result.held_in.threshold:.4g} (held-in F1 {result.held_in.f1:.3f})")
+          f"{result.held_in.threshold:.4g} (held-in F1 {result.held_in.f1:.3f}, "
+          f"cross-validated {cv:.3f})")
     print(f"held-out: precision {h.precision:.3f}, recall {h.recall:.3f}, F1 {h.f1:.3f}, "
           f"AUC {result.auc_held_out:.3f}")
     for kind, path in files.items():

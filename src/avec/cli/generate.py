@@ -45,7 +45,7 @@ def _add_generate_parser(sub: Any) -> None:
     cond.add_argument("--condition", metavar="FILE",
                       help="steer only prompts that meet this condition (a condition vector "
                            "file from `avec condition fit`, with its fitted rule): CAST, on the "
-                           "generated tokens")
+                           "generated tokens; every backend")
     cond.add_argument("--when", metavar="JSON",
                       help='a condition in JSON, leaves naming condition vector files: '
                            '{"vector": FILE, "threshold"?: t, "op"?: ">"|"<", "layer"?: L, '
@@ -88,10 +88,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not vllm_available():
             raise ValueError(NO_VLLM)
     conditional = args.condition is not None or args.when is not None
-    if conditional and (args.vector is None or args.everywhere or args.backend == "llama.cpp"):
-        raise ValueError("--condition/--when steer a --vector conditionally on the hf or vllm "
-                         "backend (llama.cpp gives no access to the hidden states a condition "
-                         "reads; --everywhere is unconditional)")
+    if conditional and (args.vector is None or args.everywhere):
+        raise ValueError("--condition/--when steer a --vector conditionally (--everywhere is "
+                         "unconditional)")
     if args.per_token and (not conditional or args.backend != "hf"):
         raise ValueError("--per-token re-checks a --condition/--when on the hf backend")
     if conditional and args.positions not in (None, "generated"):
@@ -120,7 +119,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         results = llamacpp.steered_completions(
             model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,
-            op=args.op, max_new_tokens=args.max_new_tokens, chat=chat, progress=True)
+            op=args.op, max_new_tokens=args.max_new_tokens, chat=chat, progress=True,
+            when=when)
     else:
         results = steered_completions(
             model, prompts, vector, run_coefs, layers=args.layer, positions=args.positions,

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,6 +33,9 @@ from avec.generation.llamacpp_probe import REBUILD_HINT
 from avec.generation.llamacpp_probe import probe as probe_llama_cpp
 from avec.errors import ModelLoadError, SteeringError
 from avec.generation.hf import Completion, RowSampling, choose_next, format_prompt
+from avec.generation.llamacpp_states import BlockReader
+from avec.intervene.conditions import Condition
+from avec.intervene.conditions import layers as condition_layers
 from avec.models.model import TextModel
 from avec.intervene.steer import Positions, parse_positions
 from avec.vector import SteeringVector
@@ -52,6 +55,9 @@ class ControlTerm:
     layers: tuple[int, ...] | None = None
     positions: Positions = "all"
     op: str = "add"
+    # conditional (CAST): decided on the prompt (read in a second context), steering the
+    # generated tokens when met
+    when: Condition | None = None
 
     def steered_layers(self) -> tuple[int, ...]:
         return tuple(self.vector.layers) if self.layers is None else tuple(self.layers)
@@ -99,6 +105,15 @@ def check_terms(terms: Sequence[ControlTerm], n_layers: int, d_model: int) -> No
                                     f"the model width {d_model}")
         if not np.isfinite(term.coef):
             raise SteeringError(f"{where}: coef must be finite")
+        if term.when is not None:
+            if parse_positions(term.positions) != "generated":
+                raise SteeringError(f"{where}: a conditional term steers the generated "
+                                    f"tokens, not {term.positions!r}")
+            bad = [L for L in condition_layers(term.when) if not 0 <= L < n_layers - 1]
+            if bad:
+                raise SteeringError(f"{where}.when: layer(s) {bad} cannot be read on the "
+                                    f"llama.cpp backend (layers 0..{n_layers - 2}: llama.cpp "
+                                    f"keeps only the last token of the last block)")
 
 
 def control_buffer(terms: Sequence[ControlTerm], n_layers: int, d_model: int) -> np.ndarray:
@@ -167,6 +182,7 @@ class LlamaCppModel(TextModel):
         self._n_vocab = int(llm.n_vocab())
         self._installed: bytes | None = None
         self._install(np.zeros((self._n_layers - 1) * self._d_model, dtype=np.float32))
+        self._reader: BlockReader | None = None  # created for the first condition
 
     @classmethod
     def load(cls, path: str | os.PathLike[str] | None = None, *, n_ctx: int = 4096,
@@ -262,6 +278,37 @@ class LlamaCppModel(TextModel):
         ptr = self._lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self._n_vocab,)).copy()
 
+    # ---- conditions ------------------------------------------------------------------------
+    def prompt_means(self, prompt_ids: Sequence[int], layers: Sequence[int],
+                     terms: Sequence[ControlTerm] = ()) -> dict[int, np.ndarray]:
+        """The mean block outputs over the prompt's tokens after the first (a condition's
+        input), the prompt steered by the unconditional ``terms``."""
+        if self._reader is None:
+            self._reader = BlockReader(self._lib, self.llm.model, n_ctx=self.n_ctx,
+                                       n_layers=self._n_layers, d_model=self._d_model,
+                                       n_threads=self.llm.n_threads)
+        prompt = list(prompt_ids)
+        at = self._schedule([t for t in terms if t.when is None], len(prompt))
+        control = at(0)
+        if any(at(i) is not control for i in range(1, len(prompt))):
+            raise SteeringError("a conditional entry with another entry whose positions start "
+                                "inside the prompt (from:K) cannot run on the llama.cpp "
+                                "backend; use --backend hf")
+        return self._reader.prompt_means(prompt, layers, control)
+
+    def decide(self, prompt_ids: Sequence[int], terms: Sequence[ControlTerm]
+               ) -> list[ControlTerm]:
+        """``terms`` with each conditional one kept (as a plain generated-tokens term) when its
+        condition holds on this prompt, dropped when it does not."""
+        if all(t.when is None for t in terms):
+            return list(terms)
+        layers = sorted({L for t in terms if t.when is not None
+                         for L in condition_layers(t.when)})
+        means = {L: torch.from_numpy(m).unsqueeze(0)
+                 for L, m in self.prompt_means(prompt_ids, layers, terms).items()}
+        return [replace(t, when=None) for t in terms
+                if t.when is None or bool(t.when.met(means)[0])]
+
     # ---- generation ------------------------------------------------------------------------
     def check(self, terms: Sequence[ControlTerm]) -> None:
         """Raise if ``terms`` cannot run on llama.cpp (see :func:`check_terms`)."""
@@ -271,6 +318,7 @@ class LlamaCppModel(TextModel):
                     ) -> np.ndarray:
         """Logits ``[n_vocab]`` after ``prompt_ids`` under the control terms."""
         self.check(terms)
+        terms = self.decide(prompt_ids, terms)
         self.llm.reset()
         return self._feed(list(prompt_ids), 0, self._schedule(terms, len(prompt_ids)))
 
@@ -280,6 +328,7 @@ class LlamaCppModel(TextModel):
         prediction of ``continuation[k]`` after the prompt and ``continuation[:k]`` (the
         continuation's tokens count as generated ones for ``positions``)."""
         self.check(terms)
+        terms = self.decide(prompt_ids, terms)
         prompt, cont = list(prompt_ids), list(continuation)
         buffer_at = self._schedule(terms, len(prompt))
         self.llm.reset()
@@ -303,6 +352,7 @@ class LlamaCppModel(TextModel):
             raise SteeringError(f"{len(prompt)} prompt tokens + {max_new_tokens} new tokens "
                                 f"exceed the llama.cpp context of {self.n_ctx}; load the model "
                                 f"with a larger n_ctx")
+        terms = self.decide(prompt, terms)
         buffer_at = self._schedule(terms, len(prompt))
         eos = sorted(self.eos_ids)
         self.llm.reset()
@@ -328,6 +378,9 @@ class LlamaCppModel(TextModel):
 
     def close(self) -> None:
         """Free llama.cpp's model and context now (otherwise at garbage collection)."""
+        if self._reader is not None:
+            self._reader.close()
+            self._reader = None
         close = getattr(self.llm, "close", None)
         if close is not None:
             close()
@@ -337,9 +390,11 @@ def steered_completions(model: LlamaCppModel, prompts: Sequence[str],
                         vector: SteeringVector | None = None, coefs: Sequence[float] = (0.0,),
                         *, layers: Sequence[int] | None = None, positions: Positions = "all",
                         op: str = "add", max_new_tokens: int = 64, chat: bool | None = None,
-                        progress: bool = False) -> list[Completion]:
+                        progress: bool = False, when: Condition | None = None
+                        ) -> list[Completion]:
     """:func:`avec.generation.hf.steered_completions` on llama.cpp: greedy completions of every
-    prompt at every coefficient (coefficient 0 is the plain model), one prompt at a time.
+    prompt at every coefficient (coefficient 0 is the plain model), one prompt at a time;
+    ``when`` makes the steering conditional (decided on each prompt, generated tokens steered).
     Everything is checked before the first token is generated."""
     from tqdm.auto import tqdm
 
@@ -350,7 +405,8 @@ def steered_completions(model: LlamaCppModel, prompts: Sequence[str],
     def terms(coef: float) -> list[ControlTerm]:
         if vector is None or coef == 0:
             return []
-        return [ControlTerm(vector, float(coef), lay, positions, op)]
+        return [ControlTerm(vector, float(coef), lay,
+                            "generated" if when is not None else positions, op, when)]
 
     for coef in coefs:
         model.check(terms(coef))

@@ -105,10 +105,54 @@ def roc(values: torch.Tensor, labels: torch.Tensor, op: str) -> tuple[list[tuple
 
 @dataclass
 class LayerFit:
+    """One scanned layer: its rule's held-in fit, its cross-validated F1 within the held-in
+    prompts (what chooses the layer) and its held-out scores."""
+
     layer: int
     held_in: Separation
     held_out: Separation
     auc_held_out: float
+    cv_f1: float = 0.0
+
+
+def _rule_at(means: torch.Tensor, pos: list[int], neg: list[int], metric: str
+             ) -> tuple[torch.Tensor, torch.Tensor, Separation]:
+    """The direction of ``pos`` minus ``neg`` (row indices of ``means``), every row's value on
+    it, and the best rule on those rows."""
+    direction = means[torch.tensor(pos)].mean(0) - means[torch.tensor(neg)].mean(0)
+    values = Leaf(direction, 0, 0.0, ">", metric).values(means)
+    idx = torch.tensor(pos + neg)
+    labels = torch.tensor([True] * len(pos) + [False] * len(neg))
+    return direction, values, best_rule(values[idx], labels)
+
+
+def cross_validated_f1(means: torch.Tensor, pos: list[int], neg: list[int], metric: str,
+                       folds: int = 4, seed: int = 0) -> float:
+    """Pooled F1 of rules fitted on ``folds - 1`` folds of ``pos``/``neg`` and applied to the
+    remaining one (stratified, seeded): how well the layer separates prompts it was not fitted
+    on, without touching the held-out set. With fewer than 2 prompts per fold and class, the
+    held-in fit's own F1."""
+    k = min(folds, len(pos), len(neg))
+    if k < 2:
+        return _rule_at(means, pos, neg, metric)[2].f1
+    rng = random.Random(seed)
+    p, n = list(pos), list(neg)
+    rng.shuffle(p)
+    rng.shuffle(n)
+    tp = fp = fn = 0
+    for f in range(k):
+        p_val, n_val = p[f::k], n[f::k]
+        p_fit = [i for i in p if i not in p_val]
+        n_fit = [i for i in n if i not in n_val]
+        _, values, rule = _rule_at(means, p_fit, n_fit, metric)
+        val = torch.tensor(p_val + n_val)
+        labels = torch.tensor([True] * len(p_val) + [False] * len(n_val))
+        v = values[val]
+        pred = v > rule.threshold if rule.op == ">" else v < rule.threshold
+        tp += int((pred & labels).sum())
+        fp += int((pred & ~labels).sum())
+        fn += int((~pred & labels).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
 @dataclass
@@ -137,6 +181,7 @@ class ConditionFit:
             metric=self.metric, metadata={"method": "condition mean_diff",
                                           "model": model.identity()},
             fit={"held_in_f1": round(self.held_in.f1, 4),
+                 "cv_f1": round(next(s.cv_f1 for s in self.scan if s.layer == self.layer), 4),
                  "held_out": {k: round(v, 4) for k, v in asdict(self.held_out).items()
                               if k in ("f1", "precision", "recall")},
                  "held_out_auc": round(self.auc_held_out, 4),
@@ -161,8 +206,10 @@ def fit(model: Model, positive: Sequence[str], negative: Sequence[str], layers: 
         *, metric: str = "cosine", held_out: float = 0.25, seed: int = 0,
         chat: bool | None = None, progress: bool = False) -> ConditionFit:
     """Fit a condition separating ``positive`` prompts (the condition holds) from ``negative``
-    ones at each of ``layers``; the layer with the best held-in F1 wins (ties: held-out AUC is
-    not looked at; the earlier layer wins)."""
+    ones at each of ``layers``. Each layer's rule (the mean-difference direction, comparator
+    and threshold with the best F1) is fitted on the held-in prompts; the layer with the best
+    4-fold cross-validated F1 within the held-in prompts wins (ties: the better held-in F1,
+    then the earlier layer), so the held-out prompts only measure the choice."""
     if len(positive) < 2 or len(negative) < 2:
         raise ValueError("give at least 2 positive and 2 negative prompts (held-in and "
                          "held-out)")
@@ -177,24 +224,25 @@ def fit(model: Model, positive: Sequence[str], negative: Sequence[str], layers: 
     labels = torch.tensor([True] * len(positive) + [False] * len(negative))
     idx_in = torch.tensor(p_in + [len(positive) + i for i in n_in])
     idx_out = torch.tensor(p_out + [len(positive) + i for i in n_out])
+    neg_in = [len(positive) + i for i in n_in]
     scan, best = [], None
     for L in layers:
         m = means[L]
-        direction = m[torch.tensor(p_in)].mean(0) - m[torch.tensor(
-            [len(positive) + i for i in n_in])].mean(0)
-        values = Leaf(direction, L, 0.0, ">", metric).values(m)
-        rule = best_rule(values[idx_in], labels[idx_in])
+        direction, values, rule = _rule_at(m, p_in, neg_in, metric)
         out_sep = Separation.of(values[idx_out], labels[idx_out], rule.threshold, rule.op)
         points, auc = roc(values[idx_out], labels[idx_out], rule.op)
-        scan.append(LayerFit(L, rule, out_sep, auc))
-        if best is None or rule.f1 > best[0].held_in.f1:
-            best = (scan[-1], direction, points)
+        cv = cross_validated_f1(m, p_in, neg_in, metric, seed=seed)
+        scan.append(LayerFit(L, rule, out_sep, auc, cv))
+        key = (cv, rule.f1)
+        if best is None or key > best[0]:
+            best = (key, scan[-1], direction, points)
     assert best is not None
-    chosen, direction, points = best
+    _, chosen, direction, points = best
     return ConditionFit(chosen.layer, metric, direction, chosen.held_in, chosen.held_out,
                         chosen.auc_held_out, points, scan,
                         {"positive_in": p_in, "positive_out": p_out, "negative_in": n_in,
                          "negative_out": n_out})
 
 
-__all__ = ["ConditionFit", "LayerFit", "Separation", "best_rule", "fit", "prompt_means", "roc"]
+__all__ = ["ConditionFit", "LayerFit", "Separation", "best_rule", "cross_validated_f1", "fit",
+           "prompt_means", "roc"]

@@ -63,6 +63,8 @@ class Leaf:
 
 @dataclass(frozen=True)
 class AllOf:
+    """Met when every part is met."""
+
     parts: tuple["Condition", ...]
 
     def met(self, means: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -74,6 +76,8 @@ class AllOf:
 
 @dataclass(frozen=True)
 class AnyOf:
+    """Met when at least one part is met."""
+
     parts: tuple["Condition", ...]
 
     def met(self, means: dict[int, torch.Tensor]) -> torch.Tensor:
@@ -85,6 +89,8 @@ class AnyOf:
 
 @dataclass(frozen=True)
 class Not:
+    """Met when its part is not."""
+
     part: "Condition"
 
     def met(self, means: dict[int, torch.Tensor]) -> torch.Tensor:

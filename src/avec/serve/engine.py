@@ -443,7 +443,9 @@ class LlamaCppEngine(Engine):
 
     llama.cpp holds one control vector per context, so requests run one at a time, each with
     its own control vector installed (isolation by construction); only ``op: add`` entries on
-    layers >= 1 are accepted, and anything else is refused at submit time with a 400. The same
+    layers >= 1 are accepted, and anything else is refused at submit time with a 400. A
+    conditional entry (``when``) is decided on the prompt, read in a second llama.cpp context
+    (:mod:`avec.generation.llamacpp_states`), before the request's control vector is set. The same
     limits hold: the bounded queue, deadlines, stop strings and client disconnects end a
     request between two tokens.
     """
@@ -452,10 +454,10 @@ class LlamaCppEngine(Engine):
                before: Sequence[ResolvedSteering] = ()) -> list[ResolvedSteering]:
         out = super()._check(entries, label, before)
         for i, entry in enumerate(entries):
-            if entry.when is not None:
-                raise SteeringError(f"{label}[{i}].when: the llama.cpp backend cannot steer "
-                                    f"conditionally (it gives no access to the hidden states a "
-                                    f"condition reads); use --backend hf or vllm")
+            if entry.per_token:
+                raise SteeringError(f"{label}[{i}].per_token: the llama.cpp backend decides a "
+                                    f"condition once, on the prompt; re-checking on generated "
+                                    f"tokens needs --backend hf")
         self.model.check(_control_terms(out))  # type: ignore[attr-defined]
         return out
 
@@ -490,4 +492,4 @@ class LlamaCppEngine(Engine):
 def _control_terms(steering: Sequence[ResolvedSteering]) -> list[ControlTerm]:
     from avec.generation.llamacpp import ControlTerm
 
-    return [ControlTerm(s.vector, s.coef, s.layers, s.positions, s.op) for s in steering]
+    return [ControlTerm(s.vector, s.coef, s.layers, s.positions, s.op, s.when) for s in steering]
