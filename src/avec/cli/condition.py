@@ -86,7 +86,7 @@ def cmd_condition(args: argparse.Namespace) -> int:
     if args.json:
         emit_json({"layer": result.layer, "metric": result.metric, "op": result.held_in.op,
                    "threshold": result.held_in.threshold, "held_in_f1": result.held_in.f1,
-                   "cv_f1": next(s.cv_f1 for s in result.scan if s.layer == result.layer),
+                   "cv_f1": result.cv_f1,
                    "held_out": {"f1": result.held_out.f1,
                                 "precision": result.held_out.precision,
                                 "recall": result.held_out.recall,
@@ -94,10 +94,9 @@ def cmd_condition(args: argparse.Namespace) -> int:
                    "files": {k: str(v) for k, v in files.items()}})
         return 0
     h = result.held_out
-    cv = next(s.cv_f1 for s in result.scan if s.layer == result.layer)
     print(f"condition: {result.metric} at layer {result.layer} {result.held_in.op} "
           f"{result.held_in.threshold:.4g} (held-in F1 {result.held_in.f1:.3f}, "
-          f"cross-validated {cv:.3f})")
+          f"cross-validated {result.cv_f1:.3f})")
     print(f"held-out: precision {h.precision:.3f}, recall {h.recall:.3f}, F1 {h.f1:.3f}, "
           f"AUC {result.auc_held_out:.3f}")
     for kind, path in files.items():

@@ -18,7 +18,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.directions.activations import length_batches, pad_batch
-from avec.intervene.conditions import Leaf, condition_vector
+from avec.intervene.conditions import Leaf, compare, condition_vector
 from avec.models.context import check_lengths
 from avec.models.model import Model
 from avec.vector import SteeringVector
@@ -61,14 +61,17 @@ class Separation:
     @staticmethod
     def of(values: torch.Tensor, labels: torch.Tensor, threshold: float, op: str
            ) -> "Separation":
-        pred = values > threshold if op == ">" else values < threshold
-        tp = int((pred & labels).sum())
-        fp = int((pred & ~labels).sum())
-        fn = int((~pred & labels).sum())
+        tp, fp, fn = _confusion(compare(values, op, threshold), labels)
         precision = tp / (tp + fp) if tp + fp else 0.0
         recall = tp / (tp + fn) if tp + fn else 0.0
         f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
         return Separation(float(threshold), op, f1, precision, recall)
+
+
+def _confusion(pred: torch.Tensor, labels: torch.Tensor) -> tuple[int, int, int]:
+    """True positives, false positives and false negatives of boolean predictions."""
+    return (int((pred & labels).sum()), int((pred & ~labels).sum()),
+            int((~pred & labels).sum()))
 
 
 def best_rule(values: torch.Tensor, labels: torch.Tensor) -> Separation:
@@ -139,7 +142,7 @@ def cross_validated_f1(means: torch.Tensor, pos: list[int], neg: list[int], metr
     p, n = list(pos), list(neg)
     rng.shuffle(p)
     rng.shuffle(n)
-    tp = fp = fn = 0
+    preds, truth = [], []
     for f in range(k):
         p_val, n_val = p[f::k], n[f::k]
         p_fit = [i for i in p if i not in p_val]
@@ -147,11 +150,9 @@ def cross_validated_f1(means: torch.Tensor, pos: list[int], neg: list[int], metr
         _, values, rule = _rule_at(means, p_fit, n_fit, metric)
         val = torch.tensor(p_val + n_val)
         labels = torch.tensor([True] * len(p_val) + [False] * len(n_val))
-        v = values[val]
-        pred = v > rule.threshold if rule.op == ">" else v < rule.threshold
-        tp += int((pred & labels).sum())
-        fp += int((pred & ~labels).sum())
-        fn += int((~pred & labels).sum())
+        preds.append(compare(values[val], rule.op, rule.threshold))
+        truth.append(labels)
+    tp, fp, fn = _confusion(torch.cat(preds), torch.cat(truth))
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
@@ -170,6 +171,11 @@ class ConditionFit:
     split: dict[str, list[int]] = field(default_factory=dict)
 
     @property
+    def cv_f1(self) -> float:
+        """The chosen layer's cross-validated F1 (what chose it)."""
+        return next(s.cv_f1 for s in self.scan if s.layer == self.layer)
+
+    @property
     def leaf(self) -> Leaf:
         return Leaf(self.direction, self.layer, self.held_in.threshold, self.held_in.op,
                     self.metric)
@@ -181,7 +187,7 @@ class ConditionFit:
             metric=self.metric, metadata={"method": "condition mean_diff",
                                           "model": model.identity()},
             fit={"held_in_f1": round(self.held_in.f1, 4),
-                 "cv_f1": round(next(s.cv_f1 for s in self.scan if s.layer == self.layer), 4),
+                 "cv_f1": round(self.cv_f1, 4),
                  "held_out": {k: round(v, 4) for k, v in asdict(self.held_out).items()
                               if k in ("f1", "precision", "recall")},
                  "held_out_auc": round(self.auc_held_out, 4),
@@ -222,7 +228,6 @@ def fit(model: Model, positive: Sequence[str], negative: Sequence[str], layers: 
     means = prompt_means(model, list(positive) + list(negative), layers, chat=chat,
                          progress=progress)
     labels = torch.tensor([True] * len(positive) + [False] * len(negative))
-    idx_in = torch.tensor(p_in + [len(positive) + i for i in n_in])
     idx_out = torch.tensor(p_out + [len(positive) + i for i in n_out])
     neg_in = [len(positive) + i for i in n_in]
     scan, best = [], None

@@ -57,8 +57,12 @@ class Leaf:
         return torch.nn.functional.cosine_similarity(m, d.expand_as(m), dim=-1)
 
     def met(self, means: dict[int, torch.Tensor]) -> torch.Tensor:
-        v = self.values(means[self.layer])
-        return v > self.threshold if self.op == ">" else v < self.threshold
+        return compare(self.values(means[self.layer]), self.op, self.threshold)
+
+
+def compare(values: torch.Tensor, op: str, threshold: float) -> torch.Tensor:
+    """``values <op> threshold`` elementwise, for ``op`` ``">"`` or ``"<"``."""
+    return values > threshold if op == ">" else values < threshold
 
 
 @dataclass(frozen=True)
@@ -302,5 +306,6 @@ class ConditionTracker:
         return g.to(hidden.device, hidden.dtype).view(-1, *[1] * (hidden.dim() - 1))
 
 
-__all__ = ["AllOf", "AnyOf", "Condition", "ConditionTracker", "Leaf", "Not", "condition_vector",
+__all__ = ["AllOf", "AnyOf", "Condition", "ConditionTracker", "Leaf", "Not", "compare",
+           "condition_vector",
            "layers", "leaves", "parse", "renamed", "to_spec"]
