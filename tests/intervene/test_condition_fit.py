@@ -84,6 +84,9 @@ def test_fit_refuses_too_few_prompts_and_bad_metrics(tiny_llama):
         fit(tiny_llama, POSITIVE[:1], NEGATIVE, [1])
     with pytest.raises(ValueError, match="cosine or projection"):
         fit(tiny_llama, POSITIVE, NEGATIVE, [1], metric="dot")
+    for bad in (0.0, 1.0, -5.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="held_out"):
+            fit(tiny_llama, POSITIVE, NEGATIVE, [1], held_out=bad)
 
 
 def test_condition_fit_command(capsys, tmp_path, model_dir):
@@ -152,7 +155,8 @@ def test_generate_with_a_condition(capsys, tmp_path, model_dir, pairs_file):
     for bad, needle in [(["--condition", str(tmp_path / "c.safetensors"), "--positions", "all"],
                          "--positions"),
                         (["--per-token"], "--per-token"),
-                        (["--when", '{"vector": 3}'], "--when.vector")]:
+                        (["--when", '{"vector": 3}'], "--when.vector"),
+                        (["--when", '{'], "--when: invalid JSON")]:
         code = main(["generate", "--model", str(model_dir), "--vector", str(vec), "--coef", "1",
                      "--prompt", "hi", *bad])
         assert code != 0 and needle in capsys.readouterr().err, bad

@@ -165,13 +165,16 @@ def _setting(args: argparse.Namespace, vector: Any) -> list[float]:
 def _condition(args: argparse.Namespace, model: Any) -> tuple[Any, dict[str, Any]]:
     """The condition of ``--condition``/``--when`` (leaves name vector files) and the files it
     read, by the name the condition uses."""
-    from avec.formats.jsonsafe import loads
+    from avec.formats.jsonsafe import JSONInputError, loads
     from avec.intervene.conditions import parse
     from avec.vector import load_vector
 
     where = "--condition" if args.condition is not None else "--when"
-    spec = {"vector": args.condition} if args.condition is not None else loads(args.when,
-                                                                                max_depth=16)
+    try:
+        spec = {"vector": args.condition} if args.condition is not None else loads(
+            args.when, max_depth=16)
+    except JSONInputError as exc:
+        raise ValueError(f"--when: {exc}") from None
     files: dict[str, Any] = {}
 
     def resolve(path: str) -> Any:

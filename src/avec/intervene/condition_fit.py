@@ -219,6 +219,9 @@ def fit(model: Model, positive: Sequence[str], negative: Sequence[str], layers: 
     if len(positive) < 2 or len(negative) < 2:
         raise ValueError("give at least 2 positive and 2 negative prompts (held-in and "
                          "held-out)")
+    if not (isinstance(held_out, (int, float)) and 0 < held_out < 1):
+        raise ValueError(f"held_out: the fraction of each set held out, between 0 and 1 "
+                         f"(exclusive), got {held_out!r}")
     if metric not in ("cosine", "projection"):
         raise ValueError(f"metric {metric!r}: use cosine or projection")
     layers = model.check_layers(list(layers))
