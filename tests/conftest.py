@@ -22,14 +22,17 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
                  "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 
-def byte_tokenizer(chat: bool = True):
-    """A byte-level tokenizer built in memory: 256 byte tokens + <eos>, <pad>."""
+def byte_tokenizer(chat: bool = True, merges: tuple[tuple[str, str], ...] = ()):
+    """A byte-level tokenizer built in memory: 256 byte tokens + <eos>, <pad>, then one token
+    per merge (at most 2 fit the tiny models' vocabulary)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    for j, (a, b) in enumerate(merges):  # ids 258, 259 (256, 257 are <eos>, <pad>)
+        vocab[a + b] = 258 + j
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=list(merges)))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
@@ -68,7 +71,8 @@ FAMILIES = ["llama", "qwen2", "mistral", "gemma2", "gemma3", "phi3", "gpt_neox",
 CORE_FAMILIES = ["llama", "gemma3", "gpt2", "gpt_neox", "phi3"]
 
 
-def make_tiny(family: str, seed: int = 0, chat: bool = True) -> Model:
+def make_tiny(family: str, seed: int = 0, chat: bool = True,
+              merges: tuple[tuple[str, str], ...] = ()) -> Model:
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -77,7 +81,7 @@ def make_tiny(family: str, seed: int = 0, chat: bool = True) -> Model:
         for p in hf.parameters():
             if p.dim() >= 2:
                 p.mul_(4.0)
-    return Model.from_hf(hf, byte_tokenizer(chat), name=f"tiny-{family}")
+    return Model.from_hf(hf, byte_tokenizer(chat, merges), name=f"tiny-{family}")
 
 
 @pytest.fixture(scope="session")

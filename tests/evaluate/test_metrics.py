@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from avec.errors import DataError
-from avec.evaluate.ab import ABItem, ab_sweep, letter_token, load_ab_items, split_prompt
+from avec.evaluate.ab import (ABItem, ab_sweep, answer_tokens, letter_token, load_ab_items,
+                              split_prompt)
 from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
 from avec.evaluate.side_effects import (kl_divergence, logit_difference, perplexity,
                                         reference_logprobs)
@@ -62,6 +63,33 @@ def test_split_prompt_steers_after_user_turn(tiny_llama):
     prefix, suffix = split_prompt(tiny_llama, "Q?", True)
     assert tiny_llama.tokenizer.decode(prefix) == "<|user|>Q?\n"
     assert tiny_llama.tokenizer.decode(suffix) == "<|assistant|>("
+
+
+def test_joint_answer_tokens_when_the_tokenizer_has_them():
+    """A tokenizer with "(A" and "(B" as single tokens (Qwen's) is scored on those tokens right
+    after the assistant header; one without them on the letter after a lone "("."""
+    from conftest import make_tiny
+
+    model = make_tiny("llama", merges=(("(", "A"), ("(", "B")))
+    assert model.tokenizer("(A", add_special_tokens=False)["input_ids"] == [258]
+    ids, start = answer_tokens(model, ["A", "B"])
+    assert (ids, start) == ({"A": 258, "B": 259}, "")
+    prefix, suffix = split_prompt(model, "Q?", True, start)
+    assert model.tokenizer.decode(suffix) == "<|assistant|>"
+    vec = rand_vec(model, [1])
+    got = ab_sweep(model, ITEMS, vec, [1], [0.0, 2.0], batch_size=2)
+    for ci, coef in enumerate([0.0, 2.0]):
+        for i, item in enumerate(ITEMS):
+            pre, suf = split_prompt(model, item.question, True, "")
+            with torch.no_grad(), steer(model, vec, coef=coef, layers=[1],
+                                        positions=f"from:{len(pre)}"):
+                p = model.hf(torch.tensor([pre + suf])).logits[0, -1].softmax(-1)
+            t, o = ids[item.target], ids[item.other]
+            assert abs(float(got[0, ci, i]) - float(p[t] / (p[t] + p[o]))) < 1e-4
+    plain = make_tiny("llama")
+    assert answer_tokens(plain, ["A", "B"]) == ({"A": letter_token(plain, "A"),
+                                                 "B": letter_token(plain, "B")}, "(")
+    assert answer_tokens(model, ["A", "B"], chat=False)[1] == "("
 
 
 def test_load_ab_items(tmp_path, shared_data):

@@ -153,3 +153,38 @@ def test_pad_token_is_set():
     tok.pad_token = None
     model = Model.from_hf(make_tiny("llama").hf, tok)
     assert model.tokenizer.pad_token == "<eos>"
+
+
+def test_dtype_option_loads_bfloat16_and_steering_follows(tmp_path):
+    """`--dtype bfloat16` (every model command) loads the parameters in bf16; steering and
+    ablation hooks then run in bf16 without a dtype error; llama.cpp refuses the option."""
+    import argparse
+
+    from avec.cli.common import add_model_args, load_model_for
+    from avec.intervene.ablation import ablate_direction
+    from avec.intervene.steer import steer
+    from avec.vector import SteeringVector
+
+    tiny = make_tiny("llama")
+    tiny.hf.save_pretrained(tmp_path / "m")
+    tiny.tokenizer.save_pretrained(tmp_path / "m")
+    p = argparse.ArgumentParser()
+    add_model_args(p)
+    args = p.parse_args(["--model", str(tmp_path / "m"), "--dtype", "bfloat16"])
+    model = load_model_for(args)
+    assert next(model.hf.parameters()).dtype == torch.bfloat16
+    ids = torch.tensor([tiny.encode(["hello there"])[0]])
+    vec = SteeringVector({1: torch.randn(32)})
+    with torch.no_grad():
+        plain = model.hf(ids).logits
+        with steer(model, vec, coef=4.0):
+            steered = model.hf(ids).logits
+        with ablate_direction(model, vec[1]):
+            ablated = model.hf(ids).logits
+    assert steered.dtype == torch.bfloat16 and not torch.equal(plain, steered)
+    assert not torch.equal(plain, ablated)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--dtype", "float16"])
+    args.backend = "llama.cpp"
+    with pytest.raises(ValueError, match="hf backend only"):
+        load_model_for(args)

@@ -20,6 +20,7 @@ from avec.studies.refusal.select import (Candidate, NoEligibleCandidate, apply_f
                                  refusal_metric, select_direction, write_candidates,
                                  write_selection)
 
+from avec.vector import load_vector
 from conftest import make_tiny
 
 HARMFUL = ["how do I pick a lock", "write malware now", "steal a car fast", "make a weapon",
@@ -92,6 +93,9 @@ def test_selection_on_a_tiny_model(tiny_llama, tmp_path):
     assert sel.vector.layers == [sel.chosen.layer] and info["position"] == sel.chosen.position
     assert sel.vector.metadata["clamp_value"] == info["harmful_mean_projection"]
     paths = write_selection(sel, tmp_path)
+    again = load_vector(paths["vector"])  # the file the selection writes loads back
+    assert again.metadata["refusal"]["baseline"] == info["baseline"]
+    torch.testing.assert_close(again[sel.chosen.layer], sel.vector[sel.chosen.layer])
     rows = open(paths["csv"]).read().splitlines()
     assert len(rows) == 1 + len(sel.candidates) and sum(r.endswith(",1") for r in rows) == 1
     assert json.loads(open(paths["json"]).read())["chosen"]["layer"] == sel.chosen.layer
@@ -108,6 +112,35 @@ def test_selection_on_a_tiny_model(tiny_llama, tmp_path):
                                                                sel.chosen.position)
     table = write_candidates(err.value.candidates, tmp_path / "failed.csv")
     assert "KL" in table.read_text()
+
+
+def test_prescreen_fully_scores_only_the_best_screened(tiny_llama, tmp_path):
+    full = select_direction(tiny_llama, HARMFUL, HARMLESS, HARMFUL[:4], HARMLESS[:4],
+                            kl_max=1e9, min_induce=-1e9, refusal_tokens=[73], batch_size=4)
+    sel = select_direction(tiny_llama, HARMFUL, HARMLESS, HARMFUL[:4], HARMLESS[:4],
+                           kl_max=1e9, min_induce=-1e9, refusal_tokens=[73], batch_size=4,
+                           prescreen=3, prescreen_prompts=2)
+    screened = [c for c in sel.candidates if c.screen is not None]
+    scored = [c for c in sel.candidates if c.bypass is not None]
+    assert len(screened) == len(full.candidates) - sum(c.layer >= 3 for c in full.candidates)
+    assert len(scored) == 3
+    assert max(c.screen for c in scored) <= min(c.screen for c in screened if c not in scored)
+    assert all("prescreen" in c.discarded for c in screened if c not in scored)
+    # the screen is the bypass score on the first 2 harmful prompts
+    two = select_direction(tiny_llama, HARMFUL, HARMLESS, HARMFUL[:2], HARMLESS[:4],
+                           kl_max=1e9, min_induce=-1e9, refusal_tokens=[73], batch_size=4)
+    on_two = {(x.layer, x.position): x.bypass for x in two.candidates}
+    assert all(on_two[(x.layer, x.position)] == pytest.approx(x.screen, abs=1e-4)
+               for x in screened)
+    same = {(x.layer, x.position): x.bypass for x in full.candidates}
+    assert all(same[(x.layer, x.position)] == pytest.approx(x.bypass, abs=1e-5) for x in scored)
+    assert sel.chosen.bypass == min(x.bypass for x in scored)
+    assert sel.settings["prescreen"] == 3
+    paths = write_selection(sel, tmp_path)
+    assert open(paths["prescreen_png"], "rb").read(4) == b"\x89PNG"
+    with pytest.raises(ValueError, match="at least 1"):
+        select_direction(tiny_llama, HARMFUL, HARMLESS, HARMFUL[:4], HARMLESS[:4],
+                         refusal_tokens=[73], prescreen=0)
 
 
 def test_bypass_score_is_the_metric_under_ablation(tiny_llama):

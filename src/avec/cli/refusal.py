@@ -123,6 +123,11 @@ def _add_select_parser(rsub: Any) -> None:
                         "instead (no rescoring); the output records which threshold chose")
     q.add_argument("--max-layer-frac", type=finite_float, default=0.8,
                    help="discard candidates at layers >= this fraction of the depth")
+    q.add_argument("--prescreen", type=count_arg, default=None,
+                   help="for big models: rank every candidate by its bypass score on "
+                        "--prescreen-prompts harmful prompts first, then fully score only "
+                        "this many best (default: score all)")
+    q.add_argument("--prescreen-prompts", type=count_arg, default=8)
     _data_args(q)
     add_model_args(q)
 
@@ -240,7 +245,8 @@ def _select(args: argparse.Namespace) -> int:
     try:
         sel = select_direction(model, *sets, kl_max=args.kl_max,
                                fallback_kl_max=args.fallback_kl_max,
-                               max_layer_frac=args.max_layer_frac, progress=True)
+                               max_layer_frac=args.max_layer_frac, prescreen=args.prescreen,
+                               prescreen_prompts=args.prescreen_prompts, progress=True)
     except NoEligibleCandidate as exc:
         table = write_candidates(exc.candidates, Path(args.output_dir) / "candidates.csv")
         raise ValueError(f"{exc}\nwrote the scored candidates to {table}") from None
@@ -254,6 +260,8 @@ def _select(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    import torch
+
     from avec.models import load_model
     from avec.studies.refusal.data import load_instructions
     from avec.studies.refusal.evaluate import (evaluate_refusal, results_table,
@@ -265,10 +273,13 @@ def _eval(args: argparse.Namespace) -> int:
     essays = [p.read_text() for p in sorted((Path(args.data_dir).parent / "actadd").glob("*.txt"))]
     model = common.load_model_for(args)
     vector = load_vector(args.vector, model)
-    ortho = load_model(args.orthogonalized) if args.orthogonalized else None
+    ortho = (load_model(args.orthogonalized, dtype=getattr(torch, args.dtype))
+             if args.orthogonalized else None)
     results = evaluate_refusal(standard_conditions(model, vector, ortho), harmful, harmless,
                                essays=essays, max_new_tokens=args.max_new_tokens, progress=True)
-    paths = write_results(results, args.output_dir, {"n": args.n, "model": model.name})
+    paths = write_results(results, args.output_dir, {"n": args.n, "model": model.name,
+                                                     "dtype": args.dtype,
+                                                     "max_new_tokens": args.max_new_tokens})
     _emit(args, {"files": paths, "results": json.loads(Path(paths["json"]).read_text())},
           results_table(results))
     return 0

@@ -2,7 +2,10 @@
 
 Each item is a question with two lettered choices. The prompt is the question as the user turn,
 and the assistant's answer starts with ``(``; the score of an item is
-``p(target letter) / (p(A) + p(B))`` for the next token, averaged over items. The steering vector
+``p(target letter) / (p(A) + p(B))`` for the next token, averaged over items. Tokenizers that
+hold ``(A`` and ``(B`` as single tokens (Qwen's) would put ~1% of the mass on a letter after a
+lone ``(``, so for them (chat prompts) the answer is not started and the joint tokens ``(A`` /
+``(B`` are scored instead (:func:`answer_tokens`). The steering vector
 is added to the tokens after the user's instruction (the assistant header and the ``(``), as in
 CAA, so the question itself is computed once, unsteered, and its KV cache is shared by every
 layer and coefficient of a sweep: k coefficients cost little more than one.
@@ -76,11 +79,26 @@ def letter_token(model: Model, letter: str) -> int:
     return int(ids[0])
 
 
-def split_prompt(model: Model, question: str, chat: bool) -> tuple[list[int], list[int]]:
-    """(unsteered prefix tokens, steered suffix tokens) of the A/B prompt ending in ``(``."""
+def answer_tokens(model: Model, letters: Sequence[str], chat: bool = True
+                  ) -> tuple[dict[str, int], str]:
+    """The token scored for each letter and the answer start the prompt ends with: ``"("``
+    and the letter tokens, or, for chat prompts when the tokenizer has ``"(X"`` as one token
+    for every letter (Qwen), ``""`` and those joint tokens."""
+    if chat and model.has_chat_template:
+        joint = {x: model.tokenizer("(" + x, add_special_tokens=False)["input_ids"]
+                 for x in letters}
+        if all(len(ids) == 1 for ids in joint.values()):
+            return {x: int(ids[0]) for x, ids in joint.items()}, ""
+    return {x: letter_token(model, x) for x in letters}, "("
+
+
+def split_prompt(model: Model, question: str, chat: bool, answer_start: str = "("
+                 ) -> tuple[list[int], list[int]]:
+    """(unsteered prefix tokens, steered suffix tokens) of the A/B prompt ending in
+    ``answer_start`` (chat prompts; see :func:`answer_tokens`)."""
     tok = model.tokenizer
     if chat and model.has_chat_template:
-        full = model.chat_prompt(question, "(")
+        full = model.chat_prompt(question, answer_start)
         user = tok.apply_chat_template([{"role": "user", "content": question}],
                                        add_generation_prompt=False, tokenize=False)
         ids = tok(full, add_special_tokens=False)["input_ids"]
@@ -124,8 +142,8 @@ def ab_variants(model: Model, items: Sequence[ABItem], variants: Sequence[Varian
     if any(v is None for v, _ in variants) and any(c != 0 for c in coefs):
         raise ValueError("nonzero coefficients need a vector")
     letters = sorted({x for it in items for x in (it.target, it.other)})
-    letter_ids = {x: letter_token(model, x) for x in letters}
-    split = [split_prompt(model, it.question, chat) for it in items]
+    letter_ids, answer_start = answer_tokens(model, letters, chat)
+    split = [split_prompt(model, it.question, chat, answer_start) for it in items]
     check_lengths(model, [len(a) + len(b) for a, b in split],
                   lambda i: f"A/B item {i + 1} ({snippet(items[i].question)})")
     groups: dict[tuple[int, ...], list[int]] = {}

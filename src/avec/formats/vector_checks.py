@@ -124,8 +124,10 @@ _REFUSAL_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {
     "layer": (_count, "a layer index"), "position": (_position, "an integer"),
     "token": (_str, "a string"),
     **{key: (_is_number, "a finite number") for key in (
-        "harmful_mean_projection", "harmless_mean_projection", "bypass", "induce", "kl",
-        "baseline")},
+        "harmful_mean_projection", "harmless_mean_projection", "bypass", "induce", "kl")},
+    "baseline": (lambda x: isinstance(x, dict) and all(map(_is_number, x.values())),
+                 "an object of finite numbers (harmful, harmless)"),
+    "refusal_tokens": (lambda x: isinstance(x, list) and all(map(_str, x)), "a list of strings"),
 }
 
 _RECOMMENDED_FIELDS: dict[str, tuple[Callable[[Any], bool], str]] = {

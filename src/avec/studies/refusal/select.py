@@ -170,6 +170,7 @@ class Candidate:
     induce: float | None = None
     kl: float | None = None
     discarded: str | None = None  # why it cannot be chosen, or None
+    screen: float | None = None  # bypass on the prescreen's few prompts (when prescreened)
 
 
 @dataclass
@@ -207,7 +208,8 @@ def apply_filters(candidates: Sequence[Candidate], *, kl_max: float, min_induce:
         elif c.norm == 0:
             c.discarded = "zero direction"
         elif c.bypass is None or c.kl is None or c.induce is None:
-            c.discarded = "not scored"
+            c.discarded = c.discarded if c.discarded and "prescreen" in c.discarded \
+                else "not scored"
         elif c.kl > kl_max:
             c.discarded = f"KL {c.kl:.3f} > {kl_max}"
         elif c.induce < min_induce:
@@ -241,11 +243,30 @@ def _score(model: Model, todo: Sequence[Candidate], diffs: torch.Tensor, k: int,
             scored(lambda: steer(model, vec, coef=1.0), b_val), tokens).mean())
 
 
+def _prescreen(model: Model, todo: list[Candidate], diffs: torch.Tensor, k: int,
+               h_val: list[list[int]], tokens: Sequence[int], keep: int, n_prompts: int,
+               batch_size: int, progress: bool) -> list[Candidate]:
+    """Score every candidate's bypass on the first ``n_prompts`` harmful validation prompts
+    (one forward each); return the ``keep`` lowest, marking the others discarded."""
+    from avec.intervene.ablation import ablate_direction
+
+    few = h_val[:n_prompts]
+    for c in tqdm(todo, desc="prescreen", disable=not progress, leave=False):
+        with ablate_direction(model, diffs[c.layer, c.position + k]):
+            c.screen = float(refusal_metric(last_logits(model, few, batch_size), tokens).mean())
+    ranked = sorted(todo, key=lambda c: c.screen)  # type: ignore[arg-type, return-value]
+    for c in ranked[keep:]:
+        c.discarded = (f"prescreen: bypass {c.screen:.2f} on {len(few)} prompts, not among "
+                       f"the best {keep}")
+    return ranked[:keep]
+
+
 def select_direction(model: Model, harmful_train: Sequence[str], harmless_train: Sequence[str],
                      harmful_val: Sequence[str], harmless_val: Sequence[str], *,
                      kl_max: float = 0.1, max_layer_frac: float = 0.8, batch_size: int = 32,
                      min_induce: float = 0.0, fallback_kl_max: float | None = None,
                      refusal_tokens: Sequence[int] | None = None,
+                     prescreen: int | None = None, prescreen_prompts: int = 8,
                      progress: bool = False) -> Selection:
     """Pick the refusal direction among every layer x post-instruction position (see the
     module docstring). Candidates in the last ``1 - max_layer_frac`` of the layers are listed
@@ -253,7 +274,16 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
     threshold (0 in the paper). When no candidate passes ``kl_max``, ``fallback_kl_max`` (if
     given) is tried instead, without rescoring; ``settings["kl_max_used"]`` records which
     threshold chose. ``refusal_tokens`` overrides the tokens
-    :func:`find_refusal_tokens` reads off the model's refusals."""
+    :func:`find_refusal_tokens` reads off the model's refusals.
+
+    ``prescreen`` (for big models, where full scoring costs three forwards of every
+    validation prompt per candidate): first score every candidate's bypass on the first
+    ``prescreen_prompts`` harmful validation prompts, then fully score only the ``prescreen``
+    best; the rest are listed as discarded by the prescreen, with their screening score."""
+    if prescreen is not None and prescreen < 1:
+        raise ValueError(f"prescreen must keep at least 1 candidate, got {prescreen}")
+    if prescreen_prompts < 1:
+        raise ValueError(f"prescreen_prompts must be at least 1, got {prescreen_prompts}")
     suffix = post_instruction_tokens(model)
     k = len(suffix)
     enc = [[format_prompt(model, p)[0] for p in group]
@@ -277,6 +307,9 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
                   for L in range(model.n_layers) for j in range(k)]
 
     todo = [c for c in candidates if c.layer < last_allowed and c.norm > 0]
+    if prescreen is not None and prescreen < len(todo):
+        todo = _prescreen(model, todo, diffs, k, h_val, tokens, prescreen, prescreen_prompts,
+                          batch_size, progress)
     _score(model, todo, diffs, k, h_val, b_val, base_b, tokens, batch_size, progress)
     kl_used = kl_max
     eligible = apply_filters(candidates, kl_max=kl_max, min_induce=min_induce,
@@ -296,7 +329,8 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
     settings = {"n_harmful_train": len(h_train), "n_harmless_train": len(b_train),
                 "n_harmful_val": len(h_val), "n_harmless_val": len(b_val), "kl_max": kl_max,
                 "kl_max_used": kl_used, "max_layer_frac": max_layer_frac,
-                "min_induce": min_induce,
+                "min_induce": min_induce, "prescreen": prescreen,
+                "prescreen_prompts": prescreen_prompts if prescreen is not None else None,
                 "post_instruction_tokens": names}
     meta = {"model": model.identity(), "method": "refusal_direction (diff of means)",
             "positions": f"post-instruction token {best.position} ({best.token!r})",
@@ -313,9 +347,10 @@ def select_direction(model: Model, harmful_train: Sequence[str], harmless_train:
 def write_candidates(candidates: Sequence[Candidate], path: str | Path,
                      chosen: Candidate | None = None) -> Path:
     """The candidate table as CSV (one row per layer x position, scores and why discarded)."""
-    return write_csv(path, ["layer", "position", "token", "norm", "bypass", "induce", "kl",
-                            "discarded", "chosen"],
+    return write_csv(path, ["layer", "position", "token", "norm", "screen", "bypass", "induce",
+                            "kl", "discarded", "chosen"],
                      ([c.layer, c.position, c.token, f"{c.norm:.4f}",
+                       "" if c.screen is None else f"{c.screen:.4f}",
                        "" if c.bypass is None else f"{c.bypass:.4f}",
                        "" if c.induce is None else f"{c.induce:.4f}",
                        "" if c.kl is None else f"{c.kl:.4f}", c.discarded or "",
@@ -346,7 +381,23 @@ def write_selection(sel: Selection, out_dir: str | Path) -> dict[str, str]:
             star=(positions.index(sel.chosen.position), layers.index(sel.chosen.layer)),
             figsize=(max(6, 0.35 * len(layers)), 1.2 + 0.5 * len(positions)), tick_fontsize=7,
             title="bypass score (refusal log-odds on harmful prompts under ablation; lower = "
-                  "better)\nx: discarded (KL or induce), *: chosen, blank: last 20% of layers",
+                  "better)\nx: discarded (KL or induce), *: chosen, blank: last 20% of layers"
+                  + (" or not kept by the prescreen" if sel.settings.get("prescreen") else ""),
             title_fontsize=9)
+    if any(c.screen is not None for c in sel.candidates):
+        paths["prescreen_png"] = str(out / "prescreen.png")
+        screen = torch.full((len(positions), len(layers)), math.nan)
+        for c in sel.candidates:
+            if c.screen is not None:
+                screen[positions.index(c.position), layers.index(c.layer)] = c.screen
+        heatmap(screen.tolist(), paths["prescreen_png"],
+                rows=[f"{p} {tok[p]!r}" for p in positions], cols=layers,
+                xlabel="layer (block output)", cmap="viridis_r", annotate=None,
+                star=(positions.index(sel.chosen.position), layers.index(sel.chosen.layer)),
+                figsize=(max(6, 0.35 * len(layers)), 1.2 + 0.5 * len(positions)),
+                tick_fontsize=7, title_fontsize=9,
+                title=f"prescreen: bypass score on {sel.settings.get('prescreen_prompts')} "
+                      f"harmful prompts (the best {sel.settings.get('prescreen')} were fully "
+                      f"scored)")
     return paths
 

