@@ -14,6 +14,7 @@ from typing import Callable, Sequence
 
 from avec._version import __version__
 from avec.cli import compare as cli_compare
+from avec.cli import compose as cli_compose
 from avec.cli import condition as cli_condition
 from avec.cli import demo as cli_demo
 from avec.cli import discover as cli_discover
@@ -30,8 +31,9 @@ from avec.cli import vllm as cli_vllm
 from avec.cli.args import check_text_args
 
 # The command groups, in the order their commands appear in ``avec --help``.
-GROUPS = (cli_vectors, cli_generate, cli_evaluate, cli_tune, cli_condition, cli_compare, cli_serve,
-          cli_refusal, cli_maze, cli_discover, cli_sae, cli_vllm, cli_models, cli_demo)
+GROUPS = (cli_vectors, cli_generate, cli_evaluate, cli_tune, cli_condition, cli_compare,
+          cli_compose, cli_serve, cli_refusal, cli_maze, cli_discover, cli_sae, cli_vllm,
+          cli_models, cli_demo)
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     name: fn for group in GROUPS for name, fn in group.COMMANDS.items()}
