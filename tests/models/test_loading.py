@@ -185,6 +185,7 @@ def test_dtype_option_loads_bfloat16_and_steering_follows(tmp_path):
     assert not torch.equal(plain, ablated)
     with pytest.raises(SystemExit):
         p.parse_args(["--dtype", "float16"])
-    args.backend = "llama.cpp"
-    with pytest.raises(ValueError, match="hf backend only"):
-        load_model_for(args)
+    for backend in ("llama.cpp", "vllm"):
+        args.backend = backend
+        with pytest.raises(ValueError, match="hf backend only"):
+            load_model_for(args)

@@ -41,15 +41,16 @@ def load_model_for(args: argparse.Namespace) -> Any:
     from avec.models import load_model
 
     t0 = time.perf_counter()
-    if getattr(args, "backend", "hf") == "llama.cpp":
+    backend = getattr(args, "backend", "hf")
+    if backend != "hf" and getattr(args, "dtype", "float32") != "float32":
+        raise ValueError(f"--dtype applies to the hf backend only (--backend {backend} runs "
+                         f"its own types)")
+    if backend == "llama.cpp":
         from avec.generation.llamacpp import LlamaCppModel
         from avec.models.loading import model_file
 
         if args.block_path:
             raise ValueError("--block-path applies to the hf backend only")
-        if getattr(args, "dtype", "float32") != "float32":
-            raise ValueError("--dtype applies to the hf backend only (llama.cpp runs the GGUF "
-                             "file's own types)")
         model = LlamaCppModel.load(model_file(args.model))
     else:
         model = load_model(args.model, block_path=args.block_path,
