@@ -10,7 +10,7 @@ import torch
 from avec.data import ContrastPair
 from avec.evaluate.ab import ABItem
 from avec.studies.compare import CompareSettings, Task, compare, write_outputs
-from avec.studies.compare.run import _subset
+from avec.studies.compare.measure import subset
 
 PAIRS = [ContrastPair(f"I love thing {i}!", f"I hate thing {i}.") for i in range(10)]
 ITEMS = [ABItem("Good?\n(A) yes\n(B) no", "A", "B"), ABItem("Bad?\n(A) yes\n(B) no", "B", "A")]
@@ -31,7 +31,7 @@ def test_compare_ab_protocol(tiny_llama, tmp_path):
         assert abs(r["best_effect"] - max(ok)) < 1e-12
     same = [r["pairs"] for r in res.rows if r["n_pairs"] == 4 and r["seed"] == 1]
     assert all(p == same[0] for p in same)  # every method sees the same subset
-    assert _subset(10, 4, 1) == same[0] and _subset(10, 4, 0) != same[0]
+    assert subset(10, 4, 1) == same[0] and subset(10, 4, 0) != same[0]
     summary = res.summary()
     md4 = next(s for s in summary if s["method"] == "mean_diff" and s["n_pairs"] == 4)
     assert md4["seeds"] == 2 and md4["effect_min"] <= md4["effect_mean"] <= md4["effect_max"]
@@ -47,13 +47,13 @@ def test_compare_directions_share_one_norm(tiny_llama, monkeypatch):
     import avec.studies.compare.run as cmp
 
     seen = []
-    real = cmp._effects
+    real = cmp.effects
 
     def spy(model, task, vectors, layer, coefs, settings, progress, judge):
         seen.extend(vectors)
         return real(model, task, vectors, layer, coefs, settings, progress, judge)
 
-    monkeypatch.setattr(cmp, "_effects", spy)
+    monkeypatch.setattr(cmp, "effects", spy)
     settings = CompareSettings(layer=2, methods=("mean_diff", "pca", "probe", "random"),
                                n_pairs=(3,), seeds=1, coefs=(1.0,), norm=5.0)
     res = compare(tiny_llama, PAIRS, Task(prompts=["hi"], keywords=["love"]), settings, ["hi"])

@@ -13,6 +13,8 @@ from avec.cli.common import add_model_args, check_fit, emit_json, log
 from avec.sae.feature import SAE_METHODS
 from avec.studies.compare.settings import DEFAULT_METHODS
 
+FINETUNE_METHODS = ("lora", "lora+mean_diff")  # = avec.studies.compare.finetuned's (tested)
+
 
 def _add_compare_parser(sub: Any) -> None:
     """``avec compare``."""
@@ -36,8 +38,12 @@ def _add_compare_parser(sub: Any) -> None:
                         "10 on the default model)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated, from {', '.join(DEFAULT_METHODS)}, "
-                        f"{' and '.join(SAE_METHODS)} (the SAE methods need --sae; default: the "
-                        f"first {len(DEFAULT_METHODS)})")
+                        f"{' and '.join(SAE_METHODS)} (the SAE methods need --sae), and the "
+                        f"fine-tuning rows lora (LoRA SFT on the positive side of the same "
+                        f"pairs) and lora+mean_diff (that model, steered with the mean "
+                        f"difference of the same pairs read on it, scale x coefficient); "
+                        f"default: the first "
+                        f"{len(DEFAULT_METHODS)}")
     p.add_argument("--n-pairs", default="1,3,8,32,128,256",
                    help="pair counts (values above the pool size are skipped)")
     p.add_argument("--seeds", type=count_arg, default=3)
@@ -67,6 +73,29 @@ def _add_compare_parser(sub: Any) -> None:
     p.add_argument("--sae-select", choices=["selective", "difference"], default="selective",
                    help="how the SAE methods rank latents: activation difference times "
                         "firing-rate difference (selective, default) or activation difference")
+    ft = p.add_argument_group(
+        "fine-tuning rows (--methods lora, lora+mean_diff)",
+        "One LoRA fine-tune per pair count and seed on the cell's positive texts (A/B: the "
+        "question -> the matching letter; sentence pairs: a neutral prompt -> the positive "
+        "sentence), merged into a copy of the model. Its strength knob is the scale of the "
+        "learned update, swept like a coefficient; KL is against the base model. "
+        "lora+mean_diff sweeps scale x coefficient, the mean difference read on the "
+        "fine-tuned model at each scale (scales over the budget on their own are skipped). "
+        "Each row also records the seconds and peak memory it took to obtain (training, or "
+        "reading the pairs and fitting).")
+    ft.add_argument("--lora-steps", type=count_arg, default=16,
+                    help="optimizer steps per fine-tune, the same for every pair count (at "
+                         "least one epoch; default 16)")
+    ft.add_argument("--lora-batch-size", type=count_arg, default=8,
+                    help="examples per step (at most the number of pairs; default 8)")
+    ft.add_argument("--lora-rank", type=count_arg, default=16, help="LoRA rank (default 16)")
+    ft.add_argument("--lora-lr", type=finite_float, default=None,
+                    help="learning rate (default: avec finetune's LoRA default, 1e-3)")
+    ft.add_argument("--lora-scales", default="0.0625,0.125,0.25,0.5,1",
+                    help="scales of the learned update W0 + s (W1 - W0) to sweep; 1 (as "
+                         "trained) is always included (default 0.0625,0.125,0.25,0.5,1: a "
+                         "fine-tune that memorises its pairs is far over a KL budget of 1 as "
+                         "trained, and its KL grows about as the square of the scale)")
     p.add_argument("--name", default="", help="name of the behaviour or concept for the report")
     p.add_argument("--output-dir", "-o", required=True, type=output_dir)
     add_model_args(p)
@@ -107,6 +136,12 @@ def cmd_compare(args: argparse.Namespace) -> int:
                          "A/B p(match): drop one of them")
     if args.contrast and args.pairs:
         raise ValueError("--contrast only shapes synthetic pairs; it cannot apply to --pairs")
+    methods = _methods(args.methods)
+    lora_scales = [float(x) for x in args.lora_scales.split(",") if x.strip()]
+    if any(not (s > 0 and s < float("inf")) for s in lora_scales):
+        raise ValueError(f"--lora-scales must be positive numbers, got {args.lora_scales!r}")
+    if args.lora_lr is not None and args.lora_lr <= 0:
+        raise ValueError(f"--lora-lr must be > 0, got {args.lora_lr}")
     keywords = [k.strip() for k in (args.keywords or "").split(",") if k.strip()]
     if not args.data and not args.concept and not keywords:
         raise ValueError("a concept comparison needs --concept and/or --keywords")
@@ -132,12 +167,14 @@ def cmd_compare(args: argparse.Namespace) -> int:
     is_ab = args.pairs is not None and Path(args.pairs).suffix == ".json"
     settings = CompareSettings(
         layer=default_layer(model) if args.layer is None else args.layer,
-        methods=[m.strip() for m in args.methods.split(",")],
+        methods=methods,
         n_pairs=[int(x) for x in args.n_pairs.split(",")], seeds=args.seeds,
         coefs=[float(x) for x in args.coefs.split(",")], kl_budget=args.kl_budget,
         norm=args.norm, chat=is_ab,
         position=args.position or ("ab_letter" if is_ab else "mean"),
-        max_new_tokens=args.max_new_tokens, sae=args.sae, sae_select=args.sae_select)
+        max_new_tokens=args.max_new_tokens, sae=args.sae, sae_select=args.sae_select,
+        lora_steps=args.lora_steps, lora_batch_size=args.lora_batch_size,
+        lora_rank=args.lora_rank, lora_lr=args.lora_lr, lora_scales=lora_scales)
     result = compare(model, pairs, task, settings, kl_prompts, progress=True)
     files = write_outputs(result, out_dir)
     summary = result.summary()
@@ -149,15 +186,37 @@ def cmd_compare(args: argparse.Namespace) -> int:
           f"{result.common_norm:.3f}; best effect within KL <= {args.kl_budget:g} "
           f"(mean ± sd over {args.seeds} seeds)")
     ns = sorted({x["n_pairs"] for x in summary})
-    print("method".ljust(10) + "".join(f"{n:>18}" for n in ns))
+    width = max(10, *(len(x["method"]) + 2 for x in summary))
+    print("method".ljust(width) + "".join(f"{n:>18}" for n in ns))
     for m in dict.fromkeys(x["method"] for x in summary):
         cells = {x["n_pairs"]: x for x in summary if x["method"] == m}
-        print(m.ljust(10) + "".join(
+        print(m.ljust(width) + "".join(
             (f"{cells[n]['effect_mean']:+.3f} ± {cells[n]['effect_std']:.3f}" if n in cells
              else "-").rjust(18) for n in ns))
+    print("cost to obtain the intervention: wall seconds / peak extra MB (mean over seeds)")
+    for m in dict.fromkeys(x["method"] for x in summary):
+        cells = {x["n_pairs"]: x for x in summary if x["method"] == m}
+        print(m.ljust(width) + "".join(
+            (f"{cells[n]['seconds_mean']:.2f} s / {cells[n]['peak_mb_mean']:.0f} MB"
+             if n in cells and "seconds_mean" in cells[n] else "-").rjust(18) for n in ns))
     for kind, path in files.items():
         print(f"wrote {kind}: {path}")
     return 0
+
+
+def _methods(text: str) -> list[str]:
+    """``--methods`` as a list, every name checked before the model loads."""
+    from avec.studies.compare import REGISTRY
+
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    valid = [*REGISTRY, *FINETUNE_METHODS]
+    bad = [m for m in methods if m not in valid]
+    if bad or not methods:
+        what = f"unknown method {bad[0]!r}" if bad else "no method given"
+        raise ValueError(f"--methods: {what}; choose from {', '.join(valid)}")
+    if len(set(methods)) < len(methods):
+        raise ValueError(f"--methods names a method twice: {text!r}")
+    return methods
 
 
 def _synthetic_pool(model: Any, args: argparse.Namespace, out_dir: Path) -> tuple[list[Any], str]:

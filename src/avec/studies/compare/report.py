@@ -90,10 +90,13 @@ def _samples_html(result: CompareResult, n_prompts: int = 3) -> str:
         plain = html.escape(result.unsteered[i])
         trs = f"<tr><th>unsteered</th><td></td><td class=t>{plain}</td></tr>"
         for m, r in picks.items():
-            trs += (f"<tr><th>{html.escape(m)}, {r['n_pairs']} pairs</th><td>{r['best_coef']:g}"
+            knob = (f"{r['best_scale']:g} / {r['best_coef']:g}" if "best_scale" in r
+                    else f"{r['best_coef']:g}")
+            trs += (f"<tr><th>{html.escape(m)}, {r['n_pairs']} pairs</th><td>{knob}"
                     f"</td><td class=t>{html.escape(r['best_completions'][i])}</td></tr>")
         blocks.append(f"<h3>{html.escape(prompt)}</h3><table><tr><th>direction</th><th>coef"
-                      f"</th><th>greedy completion</th></tr>{trs}</table>")
+                      f" (lora: scale; lora+mean_diff: scale / coef)</th><th>greedy "
+                      f"completion</th></tr>{trs}</table>")
     return ("<h2>What the steering does</h2><p>Greedy completions at each direction's chosen "
             "coefficient (within the KL budget; coefficient 0 means no coefficient was both "
             "useful and within budget), seed 0, largest pair count.</p>" + "".join(blocks))
@@ -116,6 +119,58 @@ def _sae_html(task: dict[str, Any]) -> str:
             f"ranking), from an SAE of {sae.get('d_sae')} latents (k={sae.get('k')}) at "
             f"{html.escape(str(sae.get('path')))}, whose training cost {cost}: a cost paid "
             f"once and amortised over every concept, not counted in the pair columns.</p>")
+
+
+def _cost_html(result: CompareResult, summary: list[dict[str, Any]]) -> str:
+    """Seconds and peak extra memory to obtain each intervention, per method and pair count."""
+    costed = [x for x in summary if "seconds_mean" in x]
+    if not costed:
+        return ""
+    methods = list(dict.fromkeys(x["method"] for x in costed))
+    ns = sorted({x["n_pairs"] for x in costed})
+    cell = {(x["method"], x["n_pairs"]): x for x in costed}
+    rows = ""
+    for m in methods:
+        tds = "".join(
+            f"<td>{cell[m, n]['seconds_mean']:.2f} s<br><small>CPU "
+            f"{cell[m, n].get('cpu_seconds_mean', 0.0):.2f} s, {cell[m, n]['peak_mb_mean']:.0f}"
+            f" MB</small></td>" if (m, n) in cell else "<td>–</td>" for n in ns)
+        rows += f"<tr><th>{html.escape(m)}</th>{tds}</tr>"
+    mach = result.machine
+    where = (f" ({mach.get('torch_threads')} torch threads of {mach.get('cpu_count')} CPUs; "
+             f"memory: {html.escape(str(mach.get('memory_measure')))})" if mach else "")
+    return (f"<h2>What obtaining it cost</h2><p>Wall seconds, CPU seconds (user + system, all "
+            f"threads) and peak extra resident memory to obtain one intervention{where}, mean "
+            f"over seeds: for steering, reading the "
+            f"activations of the cell's own pairs and fitting; for lora, the fine-tuning "
+            f"(copy of the model, adapters, optimizer, merge); for lora+mean_diff, that plus "
+            f"reading the pairs on the model at the chosen scale and fitting. Evaluation is "
+            f"not counted.</p>"
+            f"<table><tr><th>method \\ pairs</th>{''.join(f'<th>{n}</th>' for n in ns)}</tr>"
+            f"{rows}</table>")
+
+
+def _finetune_html(result: CompareResult, summary: list[dict[str, Any]]) -> str:
+    """How the fine-tuning rows were made, and how they fare as trained (scale 1)."""
+    rows = [x for x in summary if "trained_kl_mean" in x]
+    if not rows:
+        return ""
+    s = result.settings
+    cells = "".join(
+        f"<tr><th>{x['n_pairs']}</th><td>{x['trained_effect_mean']:+.3f}</td>"
+        f"<td>{x['trained_kl_mean']:.2f}</td><td>{x['trained_within_budget']} of {x['seeds']}"
+        f"</td></tr>" for x in rows)
+    scales = ", ".join(f"{c:g}" for c in sorted(set(s.get("lora_scales", ())) | {1.0}))
+    return (f"<p><b>Fine-tuning rows.</b> lora: LoRA (rank {s.get('lora_rank')}) trained for "
+            f"{s.get('lora_steps')} steps of up to {s.get('lora_batch_size')} examples on the "
+            f"positive side of the column's pairs, merged; its coefficient is the scale of the "
+            f"learned update (swept over 0, {scales}; 1 = as trained), KL against the base "
+            f"model. lora+mean_diff: that model at every scale (0, the base model, included; "
+            f"scales over the budget on their own skipped), steered with the mean difference "
+            f"of the same pairs read on it at every coefficient, the best (scale, "
+            f"coefficient) within the budget; KL against the base model.</p>"
+            f"<table><tr><th>lora, pairs</th><th>effect as trained</th><th>KL as trained</th>"
+            f"<th>within budget</th></tr>{cells}</table>")
 
 
 def render_report(result: CompareResult, summary: list[dict[str, Any]], out: Path) -> str:
@@ -150,6 +205,7 @@ coefficients {', '.join(f'{c:g}' for c in s['coefs'])}; {s['seeds']} seeds, each
 subset for every method; ActAdd uses one pair, injected at the front positions.</p>
 <table><tr><th>method \\ pairs</th>{head}</tr>{rows}</table>{_sae_html(t)}
 <p><small>mean ± standard deviation over seeds; KL: mean KL at the chosen coefficient.</small></p>
+{_finetune_html(result, summary)}{_cost_html(result, summary)}
 {img(out / 'effect_vs_pairs.png', 'effect vs pairs')}
 {img(out / 'effect_vs_kl.png', 'effect vs KL')}
 {_samples_html(result)}

@@ -9,6 +9,12 @@
    over the unsteered model, and its side effect the KL divergence on neutral prompts.
 4. A cell's result is its best effect among the coefficients whose KL stays within the budget
    (coefficient 0, no effect, is always within it).
+5. Cost: each cell also records what obtaining its intervention took (:mod:`~avec.studies.
+   compare.cost`): wall and CPU seconds and peak extra resident memory of reading the activations of
+   its own n pairs (timed on that subset alone; the fit itself uses the pool's activations,
+   read once, which are the same up to float tolerance) plus the fit; ActAdd's one-pair
+   extraction as a whole. The fine-tuning rows (``lora``, ``lora+mean_diff``,
+   :mod:`~avec.studies.compare.finetuned`) record the training instead.
 
 SAE methods pick one latent from the same n pairs. ``sae`` adds its decoder row like any
 direction; ``sae_clamp`` clamps the latent to ``coef x common norm`` (in decoder-row units)
@@ -20,7 +26,6 @@ reported beside the table as an amortised cost, not counted in the pairs.
 from __future__ import annotations
 
 import json
-import random
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,68 +38,64 @@ from avec.data.pairs import ContrastPair
 from avec.data.templates import pair_texts
 from avec.directions.activations import read_activations
 from avec.directions.extract import extract_actadd
-from avec.directions.methods import METHODS
-from avec.directions.methods.base import Method, make_method
-from avec.evaluate.ab import ab_variants
-from avec.evaluate.concepts import EmbeddingJudge, keyword_rate
+from avec.evaluate.concepts import EmbeddingJudge
 from avec.evaluate.side_effects import kl_divergence, reference_logprobs
-from avec.generation.hf import variant_completions
 from avec.models.model import Model
-from avec.sae.feature import SAE_METHODS
+from avec.studies.compare.cost import Meter, combine, machine
+from avec.studies.compare.finetuned import FINETUNE_METHODS, BaseSweep, finetune_rows
+from avec.studies.compare.measure import REGISTRY, best_row, effects, fitter, scaled, subset
 from avec.studies.compare.settings import CompareResult, CompareSettings, Task
 from avec.vector import SteeringVector
 
-REGISTRY: dict[str, type] = {**METHODS, **SAE_METHODS}
-"""Every method ``avec compare`` runs: the core ones and the SAE-feature ones."""
-
-
-def _scaled(direction: torch.Tensor, norm: float) -> torch.Tensor:
-    if direction.dim() == 2:  # ActAdd block: mean row norm = the common norm
-        current = direction.norm(dim=-1).mean()
-    else:
-        current = direction.norm()
-    if current == 0:
-        raise ValueError("a method returned the zero direction; it cannot be scaled")
-    return direction * (norm / current)
-
-
-def _subset(pool: int, n: int, seed: int) -> list[int]:
-    return random.Random(10_007 * seed + n).sample(range(pool), n)
-
-
-def _method(name: str, settings: CompareSettings, sae: Any, seed: int) -> Method:
-    return make_method(REGISTRY, name, context={"seed": seed, "sae": sae,
-                                                 "by": settings.sae_select})
-
-
 def _fit_cells(model: Model, pairs: Sequence[ContrastPair], settings: CompareSettings,
                layer: int, n_grid: list[int], sae: Any, pos: torch.Tensor, neg: torch.Tensor,
-               latents: tuple[torch.Tensor, torch.Tensor] | None, common: float
+               latents: tuple[torch.Tensor, torch.Tensor] | None, common: float,
+               texts: tuple[list[str], list[str]]
                ) -> tuple[list[dict[str, Any]], list[SteeringVector | None]]:
-    """One cell per (method, n, seed): the pair subset and what the fit chose, and its vector
-    scaled to the common norm (``None`` for a method that clamps instead of adding)."""
+    """One cell per (method, n, seed): the pair subset, what the fit chose and what it cost,
+    and its vector scaled to the common norm (``None`` for a method that clamps instead of
+    adding)."""
     cells: list[dict[str, Any]] = []
     vectors: list[SteeringVector | None] = []
-    for name in settings.methods:
+    reads: dict[tuple[int, int], Meter] = {}  # reading a subset's activations, timed once
+    for name in (m for m in settings.methods if m in REGISTRY):
         for n in n_grid:
             if REGISTRY[name].pairs_needed not in (None, n):
                 continue  # e.g. ActAdd, the single-pair method
             for seed in range(settings.seeds):
-                idx = _subset(len(pairs), n, seed)
-                fitter = _method(name, settings, sae, seed)
-                if fitter.reads == "tokens":  # one pair, every position
-                    direction = extract_actadd(model, pairs[idx[0]], [layer],
-                                               chat=settings.chat)[layer]
-                elif fitter.reads == "latents" and latents is not None:
-                    direction = fitter.fit_latents(latents[0][idx], latents[1][idx])
+                idx = subset(len(pairs), n, seed)
+                method = fitter(name, settings, sae, seed)
+                if method.reads == "tokens":  # one pair, every position: read + fit together
+                    with Meter() as fit:
+                        direction = extract_actadd(model, pairs[idx[0]], [layer],
+                                                   chat=settings.chat)[layer]
+                    cost = combine(fit)
                 else:
-                    direction = fitter.fit(pos[idx], neg[idx])
-                vectors.append(None if fitter.applies == "clamp" else SteeringVector(
-                    {layer: _scaled(direction, common)},
+                    if (n, seed) not in reads:
+                        reads[n, seed] = _timed_read(model, texts, idx, layer, settings)
+                    with Meter() as fit:
+                        if method.reads == "latents" and latents is not None:
+                            direction = method.fit_latents(latents[0][idx], latents[1][idx])
+                        else:
+                            direction = method.fit(pos[idx], neg[idx])
+                    cost = {**combine(reads[n, seed], fit), "read_seconds":
+                            reads[n, seed].seconds, "fit_seconds": fit.seconds}
+                vectors.append(None if method.applies == "clamp" else SteeringVector(
+                    {layer: scaled(direction, common)},
                     {"method": name, "n_pairs": n, "seed": seed}))
                 cells.append({"method": name, "n_pairs": n, "seed": seed, "pairs": idx,
-                              **fitter.info()})
+                              **method.info(), "cost": cost})
     return cells, vectors
+
+
+def _timed_read(model: Model, texts: tuple[list[str], list[str]], idx: Sequence[int],
+                layer: int, settings: CompareSettings) -> Meter:
+    """Read the activations of just these pairs, as extracting from them alone would, for its
+    cost (the activations themselves come from the pool's single read)."""
+    with Meter() as meter:
+        read_activations(model, [texts[0][i] for i in idx] + [texts[1][i] for i in idx],
+                         [layer], position=settings.position)
+    return meter
 
 
 def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: CompareSettings,
@@ -106,8 +107,9 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
     if not n_grid:
         raise ValueError(f"every --n-pairs value exceeds the {pool} pairs available")
     for m in settings.methods:  # validate names early
-        if m not in REGISTRY:
-            raise ValueError(f"unknown method {m!r}; available: {sorted(REGISTRY)}")
+        if m not in REGISTRY and m not in FINETUNE_METHODS:
+            raise ValueError(f"unknown method {m!r}; available: "
+                             f"{sorted(REGISTRY) + list(FINETUNE_METHODS)}")
     sae, sae_info = _load_sae(settings, layer)
     pos_texts, neg_texts = pair_texts(list(pairs), model, chat=settings.chat)
     acts = read_activations(model, pos_texts + neg_texts, [layer], position=settings.position,
@@ -121,13 +123,13 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
         both = text_latents(model, sae, layer, pos_texts + neg_texts, "mean")
         latents = (both[:pool], both[pool:])
     cells, vectors = _fit_cells(model, pairs, settings, layer, n_grid, sae, pos, neg, latents,
-                                common)
+                                common, (pos_texts, neg_texts))
     coefs = [0.0, *[float(c) for c in settings.coefs if c != 0]]
     judge = EmbeddingJudge() if task.kind == "concept" and task.concept else None
     added = [v for v in vectors if v is not None]
-    effects, texts = _effects(model, task, added or [None], layer, coefs if added else [0.0],
-                              settings, progress, judge)
-    baseline = effects[0][0]
+    scores, texts = effects(model, task, added or [None], layer, coefs if added else [0.0],
+                            settings, progress, judge)
+    baseline = scores[0][0]
     unsteered = texts[0][0] if texts else []
     reference = reference_logprobs(model, kl_prompts)
     clamped = _clamp_runs(model, task, sae, layer, {c["latent"] for c, v in zip(cells, vectors)
@@ -141,8 +143,9 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
                                  "kl_prompts": len(kl_prompts), **sae_info},
                            baseline=baseline, common_norm=common, model=model.identity(),
                            avec_version=__version__, prompts=list(task.prompts),
-                           unsteered=unsteered)
-    runs = iter(zip(effects, texts or [None] * len(effects)))
+                           unsteered=unsteered, machine=machine())
+    runs = iter(zip(scores, texts or [None] * len(scores)))
+    mean_diff: dict[tuple[int, int], BaseSweep] = {}
     for cell, vec in tqdm(list(zip(cells, vectors)), desc="KL", disable=not progress,
                           leave=False):
         if vec is None:
@@ -152,21 +155,15 @@ def compare(model: Model, pairs: Sequence[ContrastPair], task: Task, settings: C
             eff, said = next(runs)
             # coefficient 0 is the unsteered model itself (bit-identical logits): its KL is 0
             kls = kl_divergence(model, kl_prompts, vec, layer, coefs[1:], reference=reference)
-        result.rows.append(_best(cell, eff, [0.0, *kls], said, coefs, baseline,
-                                 settings.kl_budget))
+        result.rows.append(best_row(cell, eff, [0.0, *kls], said, coefs, baseline,
+                                    settings.kl_budget))
+        if cell["method"] == "mean_diff":  # lora+mean_diff at scale 0 (the base model)
+            mean_diff[cell["n_pairs"], cell["seed"]] = BaseSweep(
+                eff, [0.0, *kls], said or [[] for _ in coefs], cell["cost"])
+    result.rows.extend(finetune_rows(model, pairs, task, settings, layer, n_grid, kl_prompts,
+                                     reference, baseline, unsteered, common, judge,
+                                     (pos_texts, neg_texts), progress, mean_diff))
     return result
-
-
-def _best(cell: dict[str, Any], eff: list[float], kls: list[float], said: Any,
-          coefs: list[float], baseline: float, budget: float) -> dict[str, Any]:
-    """A cell's row: its effects and KLs per coefficient and the best effect within budget."""
-    ok = [(e - baseline, c, k) for e, c, k in zip(eff, coefs, kls) if k <= budget]
-    best = max(ok, key=lambda x: x[0])  # coefficient 0 is always within budget
-    row = {**cell, "effects": eff, "kl": kls, "best_effect": best[0], "best_coef": best[1],
-           "best_kl": best[2]}
-    if said:  # completions at the chosen coefficient, to read what the steering does
-        row["best_completions"] = said[coefs.index(best[1])]
-    return row
 
 
 def _clamp_runs(model: Model, task: Task, sae: Any, layer: int, latents: set[int],
@@ -186,7 +183,7 @@ def _clamp_runs(model: Model, task: Task, sae: Any, layer: int, latents: set[int
         effs, kls, said = out.setdefault(latent, ([], [], []))
         value = c * common / float(sae.W_dec[latent].detach().norm())
         with steer_features(model, sae, layer, clamp={latent: value}):
-            eff, texts = _effects(model, task, [None], layer, [0.0], settings, False, judge)
+            eff, texts = effects(model, task, [None], layer, [0.0], settings, False, judge)
             kls.append(kl_divergence(model, kl_prompts, None, layer, [0.0],
                                      reference=reference)[0])
         effs.append(eff[0][0])
@@ -196,7 +193,7 @@ def _clamp_runs(model: Model, task: Task, sae: Any, layer: int, latents: set[int
 
 def _load_sae(settings: CompareSettings, layer: int) -> tuple[Any, dict[str, Any]]:
     """The SAE for the SAE methods, and what it cost to make (its training tokens)."""
-    wanted = [m for m in settings.methods if REGISTRY[m].needs_sae]
+    wanted = [m for m in settings.methods if m in REGISTRY and REGISTRY[m].needs_sae]
     if not wanted:
         return None, {}
     if not settings.sae:
@@ -217,30 +214,3 @@ def _load_sae(settings: CompareSettings, layer: int) -> tuple[Any, dict[str, Any
         info["sae"]["training_tokens"] = train.get("n_tokens") or train.get("tokens")
         info["sae"]["training_seconds"] = train.get("seconds")
     return sae, info
-
-
-def _effects(model: Model, task: Task, vectors: Sequence[SteeringVector | None], layer: int,
-             coefs: list[float], settings: CompareSettings, progress: bool,
-             judge: EmbeddingJudge | None) -> tuple[list[list[float]], list[list[list[str]]]]:
-    """Scores ``[vector][coef]``, and for concept tasks the completions ``[vector][coef][prompt]``
-    (empty for A/B tasks). A ``None`` vector (coefficient 0 only) is the model as it is, with
-    any steering already in force (the SAE clamp)."""
-    if task.kind == "ab":
-        scores = ab_variants(model, task.items, [(v, layer) for v in vectors], coefs,
-                             progress=progress)
-        return scores.mean(-1).tolist(), []
-    if not task.prompts or not (task.concept or task.keywords):
-        raise ValueError("a concept comparison needs prompts and a concept or keywords")
-    variants = [(vec, c) for vec in vectors for c in coefs]
-    texts = variant_completions(model, task.prompts, variants,
-                                max_new_tokens=settings.max_new_tokens, progress=progress)
-    if judge is not None:
-        flat = judge.scores([t for row in texts for t in row], task.concept)
-        per_prompt = len(task.prompts)
-        scores = [sum(flat[k * per_prompt:(k + 1) * per_prompt]) / per_prompt
-                  for k in range(len(variants))]
-    else:
-        scores = [keyword_rate(row, task.keywords) for row in texts]
-    n = len(coefs)
-    return ([scores[k * n:(k + 1) * n] for k in range(len(vectors))],
-            [texts[k * n:(k + 1) * n] for k in range(len(vectors))])

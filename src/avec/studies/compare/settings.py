@@ -28,6 +28,12 @@ class CompareSettings:
     max_new_tokens: int = 32
     sae: str | None = None  # SAE directory for the SAE methods (trained at this layer)
     sae_select: str = "selective"  # how the SAE methods rank latents (avec.sae.evaluate)
+    # the fine-tuning rows (lora, lora+mean_diff; see avec.studies.compare.finetuned)
+    lora_steps: int = 16  # optimizer steps per fine-tune, whatever the number of pairs
+    lora_batch_size: int = 8  # examples per step (fewer when there are fewer pairs)
+    lora_rank: int = 16
+    lora_lr: float | None = None  # None: avec finetune's LoRA default (1e-3)
+    lora_scales: Sequence[float] = (0.0625, 0.125, 0.25, 0.5, 1.0)  # of the learned update
 
 
 @dataclass
@@ -57,6 +63,7 @@ class CompareResult:
     avec_version: str = ""
     prompts: list[str] = field(default_factory=list)  # concept tasks: the prompts generated from
     unsteered: list[str] = field(default_factory=list)  # ... and their unsteered completions
+    machine: dict[str, Any] = field(default_factory=dict)  # what the cost seconds ran on
 
     def summary(self) -> list[dict[str, Any]]:
         cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -65,11 +72,23 @@ class CompareResult:
         out = []
         for (method, n), rs in sorted(cells.items(), key=lambda x: (x[0][0], x[0][1])):
             eff = [r["best_effect"] for r in rs]
-            out.append({"method": method, "n_pairs": n, "seeds": len(rs),
-                        "effect_mean": statistics.fmean(eff),
-                        "effect_std": statistics.pstdev(eff) if len(eff) > 1 else 0.0,
-                        "effect_min": min(eff), "effect_max": max(eff),
-                        "kl_at_best_mean": statistics.fmean(r["best_kl"] for r in rs)})
+            cell = {"method": method, "n_pairs": n, "seeds": len(rs),
+                    "effect_mean": statistics.fmean(eff),
+                    "effect_std": statistics.pstdev(eff) if len(eff) > 1 else 0.0,
+                    "effect_min": min(eff), "effect_max": max(eff),
+                    "kl_at_best_mean": statistics.fmean(r["best_kl"] for r in rs)}
+            if all("cost" in r for r in rs):  # what obtaining the intervention took
+                cell["seconds_mean"] = statistics.fmean(r["cost"]["seconds"] for r in rs)
+                cell["cpu_seconds_mean"] = statistics.fmean(r["cost"].get("cpu_seconds", 0.0)
+                                                            for r in rs)
+                cell["peak_mb_mean"] = statistics.fmean(r["cost"]["peak_mb"] for r in rs)
+                cell["peak_mb_max"] = max(r["cost"]["peak_mb"] for r in rs)
+            if all("trained_kl" in r for r in rs):  # LoRA as trained (scale 1)
+                cell["trained_effect_mean"] = statistics.fmean(r["trained_effect"] for r in rs)
+                cell["trained_kl_mean"] = statistics.fmean(r["trained_kl"] for r in rs)
+                cell["trained_within_budget"] = sum(r["trained_kl"] <= self.settings["kl_budget"]
+                                                    for r in rs)
+            out.append(cell)
         return out
 
 
