@@ -17,7 +17,19 @@ is a bias of norm --radius added at the output of --source-layer (every position
 maximally change --target-layer's activations on the prompts, each orthogonal to the earlier
 ones. Writes every vector as an avec vector file, melbo.json (objectives vs random vectors of the
 same norm, pairwise cosines, histories), and unless --no-summary their greedy completions,
-clusters of what they do and behaviour scores in summary.json and report.html."""
+clusters of what they do and behaviour scores in summary.json and report.html. With
+--naturalness (with --from too: no retraining) it also measures how natural each vector's
+behaviour is: the log-probability of its steered completions under the unsteered model (against
+unsteered completions and random vectors of the same norm) and the closest a plain instruction
+gets to them (naturalness.json, a table in report.html; docs/studies/naturalness.md)."""
+
+
+def _temperature(text: str) -> float:
+    """A sampling temperature: a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a temperature must be > 0")
+    return value
 
 
 def add_parsers(sub: Any) -> None:
@@ -67,6 +79,27 @@ def add_parsers(sub: Any) -> None:
                    help="cosine distance at which clusters stop merging")
     p.add_argument("--no-summary", action="store_true",
                    help="only train and save the vectors (no completions or report)")
+    nat = p.add_argument_group("naturalness (--naturalness)")
+    nat.add_argument("--naturalness", action="store_true",
+                     help="measure how natural each vector's behaviour is: mean token "
+                          "log-probability of its steered completions under the unsteered model,"
+                          " and the best similarity a plain instruction reaches")
+    nat.add_argument("--naturalness-prompts", type=count_arg, default=16, metavar="N",
+                     help="use the first N evaluation prompts (at least 2: the best instruction "
+                          "is chosen on the even ones and scored on the odd ones; default 16)")
+    nat.add_argument("--random-vectors", type=count_arg, default=4, metavar="N",
+                     help="random vectors of the same norm as the likelihood reference "
+                          "(default 4)")
+    nat.add_argument("--temperature", type=_temperature, default=0.7,
+                     help="sampling temperature of each vector's resample, whose similarity to "
+                          "its greedy completions is the bar an instruction must reach "
+                          "(default 0.7)")
+    nat.add_argument("--suggestions", type=nonneg_arg, default=1, metavar="N",
+                     help="instructions the model suggests per vector when shown its steered "
+                          "text, added to the candidates (default 1)")
+    nat.add_argument("--instructions", default=None, metavar="FILE",
+                     help="candidate instructions, one per line (default: the built-in pool of "
+                          "72)")
     p.add_argument("--output", "-o", required=True, type=output_dir, help="output directory")
     add_model_args(p)
 
@@ -124,10 +157,54 @@ def _train(args: argparse.Namespace, model: Any, prompts: list[str]) -> Any:
         f"vector {v.index}: objective {v.objective:.4g} after {v.steps} steps"))
 
 
+def _naturalness_config(args: argparse.Namespace) -> Any:
+    """The naturalness settings the arguments give (checked before any model is loaded)."""
+    from avec.discover.naturalness import INSTRUCTIONS, NaturalnessConfig
+
+    if not args.naturalness:
+        return None
+    if args.no_summary:
+        raise ValueError("--naturalness scores the summary's completions; drop --no-summary")
+    if args.naturalness_prompts < 2:
+        raise ValueError("--naturalness-prompts must be at least 2 (one prompt per half)")
+    instructions = INSTRUCTIONS
+    if args.instructions:
+        from avec.data.textfile import read_text
+
+        instructions = tuple(dict.fromkeys(line.strip() for line in
+                                           read_text(args.instructions).splitlines()
+                                           if line.strip()))
+        if not instructions:
+            raise ValueError(f"{args.instructions} holds no instruction (one per line)")
+    return NaturalnessConfig(n_random=args.random_vectors, temperature=args.temperature,
+                             suggestions=args.suggestions, instructions=instructions,
+                             max_new_tokens=args.max_new_tokens, chat=args.chat,
+                             seed=args.seed)
+
+
+def _naturalness(args: argparse.Namespace, model: Any, result: Any, summary: Any,
+                 config: Any) -> Any:
+    """Both measures on the first --naturalness-prompts evaluation prompts, reusing the
+    summary's greedy completions."""
+    from avec.discover.naturalness import score_naturalness, steered_by_vectors
+
+    n = args.naturalness_prompts
+    prompts = summary.prompts[:n]
+    if len(prompts) < 2:
+        raise ValueError(f"--naturalness needs at least 2 evaluation prompts, the run has "
+                         f"{len(prompts)}")
+    vectors = [v.vector for v in result.vectors]
+    steered = steered_by_vectors(model, prompts, vectors, config,
+                                 greedy=[texts[:n] for texts in summary.completions[1:]])
+    return score_naturalness(model, prompts, steered, vectors[0], config,
+                             unsteered=summary.completions[0][:n], progress=True, log=log)
+
+
 def cmd_discover(args: argparse.Namespace) -> int:
     from avec.discover.report import parse_behaviour, summarize, write_run
 
     behaviours = [parse_behaviour(b) for b in args.behaviour]
+    nat_config = _naturalness_config(args)
     if args.from_dir:  # no training: the vectors of an earlier run
         result, prompts, eval_prompts, eval_answers = _earlier_run(args)
         model = common.load_model_for(args)
@@ -147,10 +224,14 @@ def cmd_discover(args: argparse.Namespace) -> int:
         summary = summarize(model, result, eval_prompts, answers=eval_answers,
                             behaviours=behaviours, max_new_tokens=args.max_new_tokens,
                             threshold=args.cluster_threshold, chat=args.chat, progress=True)
-    return _finish(args, result, summary, write_run(Path(args.output), result, summary, prompts))
+    natural = (_naturalness(args, model, result, summary, nat_config)
+               if nat_config is not None else None)
+    paths = write_run(Path(args.output), result, summary, prompts, natural)
+    return _finish(args, result, summary, paths, natural)
 
 
-def _finish(args: argparse.Namespace, result: Any, summary: Any, paths: list[Path]) -> int:
+def _finish(args: argparse.Namespace, result: Any, summary: Any, paths: list[Path],
+            natural: Any = None) -> int:
     mean_random = sum(result.random_objectives) / len(result.random_objectives)
     out = {"source_layer": result.source_layer, "target_layer": result.target_layer,
            "seconds": result.seconds, "seconds_per_step": result.seconds_per_step,
@@ -158,6 +239,10 @@ def _finish(args: argparse.Namespace, result: Any, summary: Any, paths: list[Pat
            "vectors": summary.rows if summary else
            [{"index": v.index, "objective": v.objective} for v in result.vectors],
            "files": [str(p) for p in paths]}
+    if natural is not None:
+        doc = natural.to_json()
+        out["naturalness"] = {k: doc[k] for k in ("unsteered_logprob", "random_logprob",
+                                                  "instructed_logprob", "rows", "seconds")}
     if args.json:
         emit_json(out)
         return 0
@@ -170,8 +255,28 @@ def _finish(args: argparse.Namespace, result: Any, summary: Any, paths: list[Pat
               f"({row['objective'] / mean_random:.1f}x random){extra}")
     if summary:
         print(f"  unsteered: {summary.unsteered}")
+    if natural is not None:
+        print(natural_table(natural))
     print(f"wrote {args.output}/ ({len(paths)} files; open report.html)", file=sys.stderr)
     return 0
+
+
+def natural_table(natural: Any) -> str:
+    """The naturalness measures as text lines (one per vector, then the references)."""
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    lines = [f"naturalness on {len(natural.prompts)} prompts (log-prob: mean per token under "
+             f"the unsteered model; similarity on the held-out half):",
+             f"  {'':10} {'log-prob':>9} {'reached':>8} {'unsteered':>9} {'ceiling':>8} "
+             f"natural  best instruction"]
+    for row in natural.rows:
+        lines.append(f"  {row['name']:10} {f(row['logprob']):>9} {f(row['similarity']):>8} "
+                     f"{f(row['unsteered']):>9} {f(row['ceiling']):>8} "
+                     f"{'yes' if row['natural'] else 'no':7}  {row['instruction'] or '(plain)'!r}")
+    lines.append(f"  references: unsteered {f(natural.unsteered_logprob)}, random same-norm "
+                 f"vectors {f(natural.random_logprob)}, instructed {f(natural.instructed_logprob)}")
+    return "\n".join(lines)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"discover": cmd_discover}

@@ -151,8 +151,10 @@ def summarize(model: Model, result: MelboResult, prompts: Sequence[str], *,
                    list(answers) if answers is not None else None)
 
 
-def write_report(out: Path, result: MelboResult, summary: Summary) -> Path:
-    """``report.html``: the run's settings, a table of vectors, clusters with examples, and
+def write_report(out: Path, result: MelboResult, summary: Summary,
+                 naturalness: Any = None) -> Path:
+    """``report.html``: the run's settings, a table of vectors, clusters with examples, the
+    naturalness table if measured (a :class:`~avec.discover.naturalness.Naturalness`), and
     every completion side by side with the unsteered one."""
     esc = html.escape
     randoms = result.random_objectives
@@ -197,10 +199,34 @@ of {mean_random:.4g}. "text shift" is 1 − cosine between the mean embedding of
 the unsteered completions.</p>
 <table><tr>{head}</tr>{''.join(body)}</table>
 <h2>Clusters (by the meaning of the steered completions)</h2>{''.join(clusters)}
+{_naturalness_html(naturalness) if naturalness is not None else ""}
 <h2>Every completion</h2>{''.join(details)}"""
     return write_html(out / "report.html", "avec discover", page,
                       css="body{font-size:14px;max-width:1200px}td,th{border:1px solid #ccc}"
                           "tr.base{background:#f4f4f4}li{margin:.4em 0}")
+
+
+def _naturalness_html(natural: Any) -> str:
+    esc = html.escape
+
+    def f(x: Any) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    rows = "".join(
+        f"<tr><td>{esc(r['name'])}</td><td>{f(r['logprob'])}</td><td>{f(r['similarity'])}</td>"
+        f"<td>{f(r['unsteered'])}</td><td>{f(r['ceiling'])}</td>"
+        f"<td>{'yes' if r['natural'] else 'no'}</td>"
+        f"<td>{esc(r['instruction'] or '(plain prompt)')}</td></tr>" for r in natural.rows)
+    return f"""<h2>Naturalness ({len(natural.prompts)} prompts)</h2>
+<p>log-prob: mean per-token log-probability of the steered completions under the unsteered
+model, against {f(natural.unsteered_logprob)} for its own greedy completions,
+{f(natural.random_logprob)} for random vectors of the same norm and
+{f(natural.instructed_logprob)} for completions written under one of the
+{len(natural.instructions) - 1} candidate instructions. Reached: held-out similarity of the
+best instruction's completions to the steered ones (chosen on the other half); natural when it
+reaches the ceiling, the vector's own sampled completions' similarity.</p>
+<table><tr><th>vector</th><th>log-prob</th><th>reached</th><th>unsteered</th><th>ceiling</th>
+<th>natural</th><th>best instruction</th></tr>{rows}</table>"""
 
 
 def load_run(directory: str | Path) -> tuple[MelboResult, list[str]]:
@@ -225,9 +251,10 @@ def load_run(directory: str | Path) -> tuple[MelboResult, list[str]]:
 
 
 def write_run(out: Path, result: MelboResult, summary: Summary | None = None,
-              prompts: Sequence[str] = ()) -> list[Path]:
+              prompts: Sequence[str] = (), naturalness: Any = None) -> list[Path]:
     """Vector files ``vector_K.safetensors``, ``melbo.json`` (objectives, histories, cosines,
-    training prompts) and, with a summary, ``summary.json`` and ``report.html``."""
+    training prompts), with a summary ``summary.json`` and ``report.html``, and with a
+    :class:`~avec.discover.naturalness.Naturalness` ``naturalness.json``."""
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for item in result.vectors:
@@ -244,5 +271,8 @@ def write_run(out: Path, result: MelboResult, summary: Summary | None = None,
     paths.append(out / "melbo.json")
     if summary is not None:
         write_json(out / "summary.json", summary.to_json(), indent=1)
-        paths += [out / "summary.json", write_report(out, result, summary)]
+        paths += [out / "summary.json", write_report(out, result, summary, naturalness)]
+    if naturalness is not None:
+        write_json(out / "naturalness.json", naturalness.to_json(), indent=1)
+        paths.append(out / "naturalness.json")
     return [Path(p) for p in paths]
