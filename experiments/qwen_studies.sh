@@ -7,8 +7,11 @@
 #   caa      A/B p(match) at multipliers -2..+2, layers 4-22, four CAA behaviours (about 25 min),
 #            and the refusal vector on CAA's open-ended refusal questions (about 10 min);
 #   melbo    12 unsupervised vectors (6 at each of two radii) trained on one harmful instruction,
-#            scored for refusal on 32 held-out harmful instructions (about 25 min).
-# ONLY="refusal caa melbo" picks a subset. The orthogonalized model goes to $WORK (3.5 GB).
+#            scored for refusal on 32 held-out harmful instructions (about 25 min);
+#   compare  the fair comparison on CAA refusal A/B (about 20 min) and on the ocean concept
+#            (reduced: 2 seeds, 1-32 pairs, coefficients 2-4, 24 tokens; about 20 min on a
+#            quiet machine).
+# ONLY="refusal caa melbo compare" picks a subset. The orthogonalized model goes to $WORK (3.5 GB).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 AVEC=.venv/bin/avec
@@ -16,7 +19,7 @@ M=qwen2.5-coder-1.5b-instruct
 OUT=experiments/results/qwen
 DATA=../shared/data/refusal
 WORK=${WORK:-/tmp/avec-qwen-study}
-ONLY=${ONLY:-"refusal caa melbo"}
+ONLY=${ONLY:-"refusal caa melbo compare"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 mkdir -p "$OUT" "$WORK"
 if want refusal; then
@@ -47,4 +50,17 @@ PY
       --num-vectors 6 --steps 30 --patience 8 --behaviour refusal --max-new-tokens 24 \
       -o "$OUT/melbo/radius_$R"
   done
+fi
+if want compare; then
+  CAA=../shared/data/caa/refusal
+  AB=(--pairs "$CAA/generate_dataset.json" --data "$CAA/test_dataset_ab.json" --pool 128
+      --limit 25 --layer 18 --n-pairs 1,3,8,32,128 --coefs 1,2,4 --seeds 2)
+  $AVEC compare --model $M --dtype bfloat16 "${AB[@]}" --name "CAA refusal" \
+    -o "$OUT/compare/refusal"
+  .venv/bin/python -c "
+from avec.data.demo import DEMO_PAIRS; from avec.data import save_jsonl_pairs
+save_jsonl_pairs(DEMO_PAIRS, '$WORK/ocean_pairs.jsonl')"
+  $AVEC compare --model $M --dtype bfloat16 --pairs "$WORK/ocean_pairs.jsonl" \
+    --concept "the ocean, the sea, waves and beaches" --name "concept: ocean" \
+    --n-pairs 1,3,8,32 --seeds 2 --coefs 2,3,4 --max-new-tokens 24 -o "$OUT/compare/ocean"
 fi
