@@ -12,6 +12,7 @@ import torch
 from avec.cli.main import main
 from avec.errors import SteeringError
 from avec.generation.hf import format_prompt
+from avec.intervene.steer import steer
 from avec.evaluate.refusal import is_refusal, refusal_rate
 from avec.studies.refusal.data import REFUSAL_TEMPLATES, refusal_examples
 from avec.studies.refusal.evaluate import evaluate_refusal, results_table, standard_conditions
@@ -171,6 +172,27 @@ def test_evaluation_rows(tiny_llama, tmp_path):
     assert table.count("\n") == len(res) + 1 and "| ablation |" in table
 
 
+def test_addition_rows_per_strength(tiny_llama):
+    sel = select_direction(tiny_llama, HARMFUL, HARMLESS, HARMFUL[:4], HARMLESS[:4],
+                           kl_max=1e9, min_induce=-1e9, refusal_tokens=[73], batch_size=4)
+    conds = standard_conditions(tiny_llama, sel.vector, add_coefs=(1.0, 1.5, 1.5, 2.0))
+    assert [c.name for c in conds][4:] == ["add", "add x1.5", "add x2"]
+    layer = sel.chosen.layer
+    ids = [format_prompt(tiny_llama, p)[0] for p in HARMLESS[:2]]
+    base = last_logits(tiny_llama, ids, 2)
+    shifts = []
+    for cond, coef in zip(conds[4:], (1.0, 1.5, 2.0)):
+        with cond.context():
+            steered = last_logits(tiny_llama, ids, 2)
+        with steer(tiny_llama, sel.vector, coef=coef, layers=[layer]):
+            assert torch.allclose(steered, last_logits(tiny_llama, ids, 2), atol=1e-5)
+        shifts.append(float((steered - base).abs().mean()))
+    assert shifts[0] > 0 and len(set(shifts)) == 3  # each row its own strength
+    for bad in ((), (0.0,), (-1.0,), (float("nan"),)):
+        with pytest.raises(ValueError, match="coefficients"):
+            standard_conditions(tiny_llama, sel.vector, add_coefs=bad)
+
+
 def test_cli_wiring(capsys, tmp_path):
     assert main(["refusal", "select", "-o", str(tmp_path), "--data-dir",
                  str(tmp_path / "nowhere")]) == 2
@@ -178,6 +200,10 @@ def test_cli_wiring(capsys, tmp_path):
     with pytest.raises(SystemExit):
         main(["refusal", "--help"])
     assert "reproduce" in capsys.readouterr().out
+    for bad in ("1,x", "0", "1,-2", "inf"):
+        with pytest.raises(SystemExit):
+            main(["refusal", "eval", "--vector", "v", "-o", str(tmp_path), "--add-coefs", bad])
+        assert "--add-coefs" in capsys.readouterr().err
 
 
 def test_the_whole_study_runs_end_to_end_on_a_tiny_model(tmp_path, monkeypatch):

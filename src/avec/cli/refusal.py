@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any, Callable
 
@@ -141,9 +142,22 @@ def _add_eval_parser(rsub: Any) -> None:
                    "`avec orthogonalize` (adds its row)")
     q.add_argument("--n", type=count_arg, default=100, help="held-out instructions per side")
     q.add_argument("--max-new-tokens", type=count_arg, default=32)
+    q.add_argument("--add-coefs", type=_add_coefs, default=(1.0,), metavar="C[,C...]",
+                   help="strengths of the addition rows, times the direction (default 1, the "
+                   "paper's; e.g. 1,1.25,1.5 adds a row per strength)")
     q.add_argument("--output-dir", "-o", required=True, type=output_dir)
     _data_args(q)
     add_model_args(q)
+
+
+def _add_coefs(text: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}")
+    if any(not math.isfinite(v) or v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"addition strengths must be finite and > 0: {text!r}")
+    return values
 
 
 def _add_reproduce_parser(rsub: Any) -> None:
@@ -275,11 +289,13 @@ def _eval(args: argparse.Namespace) -> int:
     vector = load_vector(args.vector, model)
     ortho = (load_model(args.orthogonalized, dtype=getattr(torch, args.dtype))
              if args.orthogonalized else None)
-    results = evaluate_refusal(standard_conditions(model, vector, ortho), harmful, harmless,
+    results = evaluate_refusal(standard_conditions(model, vector, ortho, args.add_coefs),
+                               harmful, harmless,
                                essays=essays, max_new_tokens=args.max_new_tokens, progress=True)
     paths = write_results(results, args.output_dir, {"n": args.n, "model": model.name,
                                                      "dtype": args.dtype,
-                                                     "max_new_tokens": args.max_new_tokens})
+                                                     "max_new_tokens": args.max_new_tokens,
+                                                     "add_coefs": list(args.add_coefs)})
     _emit(args, {"files": paths, "results": json.loads(Path(paths["json"]).read_text())},
           results_table(results))
     return 0

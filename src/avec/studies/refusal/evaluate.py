@@ -5,6 +5,7 @@ else changed (KL on harmless prompts, perplexity of reference essays)."""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ContextManager, Sequence
@@ -39,12 +40,16 @@ def refusal_info(vector: SteeringVector) -> dict[str, Any]:
 
 
 def standard_conditions(model: Model, vector: SteeringVector,
-                        orthogonalized: Model | None = None) -> list[Condition]:
+                        orthogonalized: Model | None = None,
+                        add_coefs: Sequence[float] = (1.0,)) -> list[Condition]:
     """base; ablation everywhere; clamp-to-mean at the direction's layer (harmful mean, and
-    harmless mean); addition at its layer; the orthogonalized model if given."""
+    harmless mean); addition at its layer, one row per coefficient of ``add_coefs`` (1: the
+    difference of means itself, the paper's strength); the orthogonalized model if given."""
     from avec.intervene.ablation import ablate_direction
     from avec.intervene.steer import steer
 
+    if not add_coefs or any(not math.isfinite(c) or c <= 0 for c in add_coefs):
+        raise ValueError(f"addition coefficients must be finite and > 0, got {list(add_coefs)}")
     info = refusal_info(vector)
     layer = int(info["layer"])
     r = vector[layer]
@@ -60,9 +65,12 @@ def standard_conditions(model: Model, vector: SteeringVector,
                   lambda: steer(model, vector, op="clamp",
                                 value=float(info["harmless_mean_projection"])),
                   f"projection set to its harmless-prompt mean at layer {layer}, all tokens"),
-        Condition("add", model, lambda: steer(model, vector, coef=1.0),
-                  f"direction (difference of means) added at layer {layer}, all tokens"),
     ]
+    for c in dict.fromkeys(float(c) for c in add_coefs):
+        rows.append(Condition(
+            "add" if c == 1.0 else f"add x{c:g}", model,
+            lambda c=c: steer(model, vector, coef=c),
+            f"direction (difference of means) x {c:g} added at layer {layer}, all tokens"))
     if orthogonalized is not None:
         rows.append(Condition("orthogonalized", orthogonalized,
                               description="weights with the direction folded out, no hooks"))
