@@ -6,7 +6,8 @@
 #            evaluation on 64 + 64 held-out instructions (about 45 min);
 #   caa      A/B p(match) at multipliers -2..+2, layers 4-22, four CAA behaviours (about 25 min),
 #            and the A/B vectors on CAA's open-ended questions, answers judged by the model
-#            (refusal and corrigibility; 105 min on a machine shared with two other jobs);
+#            (refusal and corrigibility: 105 min on a machine shared with two other jobs;
+#            hallucination at -2/0/+2: 9 min on a quiet one);
 #   melbo    12 unsupervised vectors (6 at each of two radii) trained on one harmful instruction,
 #            scored for refusal on 32 held-out harmful instructions (about 25 min);
 #   compare  the fair comparison on CAA refusal A/B (about 20 min) and on the ocean concept
@@ -39,6 +40,8 @@ if want caa; then
   # open-ended answers judged by the unsteered model (yes/no rubric, checked on the A/B texts)
   .venv/bin/python experiments/caa_open_ended.py --model $M --dtype bfloat16 --results "$OUT/caa" \
     --behaviours refusal,corrigible-neutral-HHH
+  .venv/bin/python experiments/caa_open_ended.py --model $M --dtype bfloat16 --results "$OUT/caa" \
+    --behaviours hallucination --coefs=-2,0,2
 fi
 if want melbo; then  # MELBO's jailbreak set-up: one training instruction, held-out evaluation
   .venv/bin/python - "$DATA" "$WORK" <<'PY'
