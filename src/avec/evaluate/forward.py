@@ -9,7 +9,7 @@ import torch
 
 from avec.directions.activations import length_batches, pad_batch
 from avec.models.context import check_lengths
-from avec.models.model import Model, cache_kwarg, output_cache
+from avec.models.model import Model, cache_kwarg, keep_logits, output_cache
 
 
 def as_layers(layer: int | Sequence[int]) -> list[int]:
@@ -50,6 +50,27 @@ def continue_from_cache(model: Model, cache: Any, mask: torch.Tensor, suffix: li
     out = model.hf(input_ids=ids, attention_mask=full_mask, position_ids=pos, use_cache=True,
                    **{cache_kwarg(model): work})
     return out.logits[:, -1].float()
+
+
+@torch.inference_mode()
+def tail_logits(model: Model, token_lists: Sequence[list[int]], keep: int = 1,
+                batch_size: int = 16) -> list[torch.Tensor]:
+    """Logits ``[keep, vocab]`` (float32, CPU) of the last ``keep`` positions of each token
+    list, under whatever interventions are active; left-padded batches of similar lengths, the
+    output head run on those positions only."""
+    token_lists = list(token_lists)
+    _check(model, token_lists)
+    only = keep_logits(model.hf, keep)
+    order = sorted(range(len(token_lists)), key=lambda i: -len(token_lists[i]))
+    out: list[torch.Tensor | None] = [None] * len(token_lists)
+    for rows in length_batches(order, token_lists, batch_size):
+        ids, mask, pos = pad_batch([token_lists[i] for i in rows], model.tokenizer.pad_token_id,
+                                   "left", model.device)
+        logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
+                          **only).logits[:, -keep:].float().cpu()
+        for j, i in enumerate(rows):
+            out[i] = logits[j]
+    return out  # type: ignore[return-value]
 
 
 @torch.inference_mode()

@@ -13,14 +13,12 @@ A small judge is weak: check it on answers whose label is known before reading i
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from avec.directions.activations import length_batches, pad_batch
-from avec.models.context import check_lengths
+from avec.evaluate.forward import tail_logits
 from avec.models.model import Model
 
 TEMPLATE = ("Read the question and the answer below, then answer the last question with Yes "
@@ -63,24 +61,10 @@ class YesNoJudge:
             raise ValueError(f"{word!r} encodes to no tokens for {self.model.name}")
         return [int(i) for i in ids]
 
-    @torch.inference_mode()
     def _tail_logprobs(self, seqs: list[list[int]], keep: int) -> list[torch.Tensor]:
         """log-softmax of the last ``keep`` positions' logits of each sequence."""
-        check_lengths(self.model, [len(s) for s in seqs], lambda i: f"judge prompt {i + 1}")
-        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
-        out: list[torch.Tensor | None] = [None] * len(seqs)
-        hf = self.model.hf  # only the scored positions go through the output head
-        only = {"logits_to_keep": keep} \
-            if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
-        for rows in length_batches(order, seqs, self.batch_size):
-            ids, mask, pos = pad_batch([seqs[i] for i in rows], self.model.tokenizer.pad_token_id,
-                                       "left", self.model.device)
-            logits = hf(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=False,
-                        **only).logits[:, -keep:]
-            logp = torch.log_softmax(logits.float(), -1).cpu()
-            for j, i in enumerate(rows):
-                out[i] = logp[j]
-        return out  # type: ignore[return-value]
+        return [torch.log_softmax(t, -1)
+                for t in tail_logits(self.model, seqs, keep, self.batch_size)]
 
     def verdicts(self, questions: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
         """One verdict per (question, answer) pair."""

@@ -11,7 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.directions.activations import pad_batch
-from avec.models.model import Model, cache_kwarg, eos_token_ids, output_cache
+from avec.models.model import Model, cache_kwarg, eos_token_ids, keep_logits, output_cache
 from avec.intervene.conditions import Condition
 from avec.intervene.steer import Intervention, Op, Positions, steer
 from avec.vector import SteeringVector
@@ -155,8 +155,6 @@ def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
     rows): an ended row gets padding, its logits are not used (non-finite ones cannot break
     sampling) and the loop ends when every row has ended; the other rows' tokens are unchanged.
     """
-    import inspect
-
     if row_sampling is not None and len(row_sampling) != input_ids.shape[0]:
         raise ValueError(f"{len(row_sampling)} row_sampling entries for a batch of "
                          f"{input_ids.shape[0]} rows")
@@ -164,8 +162,7 @@ def decode(model: Model, input_ids: torch.Tensor, mask: torch.Tensor, max_new_to
         return input_ids.new_zeros((input_ids.shape[0], 0))
     hf = model.hf
     cache_name = cache_kwarg(model)
-    keep = {"logits_to_keep": 1} \
-        if "logits_to_keep" in inspect.signature(hf.forward).parameters else {}
+    keep = keep_logits(hf, 1)
     pad = model.tokenizer.pad_token_id
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=input_ids.device)
     pos = (mask.cumsum(-1) - 1).clamp(min=0)

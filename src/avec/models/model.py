@@ -141,6 +141,15 @@ def cache_kwarg(model: Model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def keep_logits(hf: Any, n: int) -> dict[str, int]:
+    """Forward kwargs that run the output head on the last ``n`` positions only, where the
+    model's forward supports it (``logits_to_keep``), else none: slice ``logits[:, -n:]``."""
+    import inspect
+
+    return {"logits_to_keep": n} if "logits_to_keep" in inspect.signature(hf.forward).parameters \
+        else {}
+
+
 def output_cache(out: Any) -> Any:
     """The KV cache a forward pass with ``use_cache=True`` returned (either name)."""
     return out["cache"] if "cache" in out else out["past_key_values"]

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from avec.directions.activations import forward_until, pad_batch
 from avec.errors import SteeringError
+from avec.evaluate.forward import tail_logits
 from avec.evaluate.refusal import is_refusal
 from avec.generation.hf import format_prompt, generate_ids
 from avec.models.model import Model
@@ -60,18 +61,7 @@ def last_logits(model: Model, token_lists: Sequence[list[int]], batch_size: int 
                 ) -> torch.Tensor:
     """Next-token logits ``[N, vocab]`` (float32) after each token list, left-padded batches,
     under whatever interventions are active."""
-    import inspect
-
-    keep = {"logits_to_keep": 1} \
-        if "logits_to_keep" in inspect.signature(model.hf.forward).parameters else {}
-    out = []
-    for start in range(0, len(token_lists), batch_size):
-        ids, mask, pos = pad_batch(list(token_lists[start:start + batch_size]),
-                                   model.tokenizer.pad_token_id, "left", model.device)
-        logits = model.hf(input_ids=ids, attention_mask=mask, position_ids=pos,
-                          use_cache=False, **keep).logits[:, -1]
-        out.append(logits.float().cpu())
-    return torch.cat(out)
+    return torch.cat(tail_logits(model, token_lists, 1, batch_size))
 
 
 @torch.inference_mode()

@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from avec.errors import DataError
-from avec.models.model import Model
+from avec.models.model import Model, keep_logits
 from avec.studies.refusal.finetune.config import METADATA_FILE, FinetuneConfig
 from avec.studies.refusal.finetune.encode import (EncodedExample, collate, encode_example,
                                                   response_loss, turn_format)
@@ -202,7 +202,7 @@ def _train_steps(train_model: torch.nn.Module, hf: torch.nn.Module,
     mode = f"LoRA r={config.lora_rank}" if config.lora else "full"
     bar = tqdm(total=total, desc=f"finetune ({mode})", disable=not progress, unit="step")
     # the output head runs only from the first position that predicts a response token
-    keep_logits = "logits_to_keep" in inspect.signature(hf.forward).parameters
+    head_slice = bool(keep_logits(hf, 1))
     n_tokens = 0
     train_model.train()
     try:
@@ -214,8 +214,8 @@ def _train_steps(train_model: torch.nn.Module, hf: torch.nn.Module,
                                 pad_id)
                 batch = {k: v.to(device) for k, v in batch.items()}
                 labels = batch["labels"]
-                first = _first_needed_logit(labels) if keep_logits else 0
-                extra = {"logits_to_keep": labels.shape[1] - first} if keep_logits else {}
+                first = _first_needed_logit(labels) if head_slice else 0
+                extra = keep_logits(hf, labels.shape[1] - first)
                 out = train_model(input_ids=batch["input_ids"],
                                   attention_mask=batch["attention_mask"], use_cache=False,
                                   **extra)
